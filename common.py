@@ -447,7 +447,8 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
              temperature: float = 1.0, greedy: bool = False):
     """Sample responses for left-padded queries (B, Q), reusing the KV cache.
 
-    Returns responses (B, R) right-padded with pad, response_mask (B, R) up to and including the
+    Returns responses (B, R) right-padded with pad (R <= max_new_tokens: generation stops once
+    every row has ended), response_mask (B, R) up to and including the
     first EOS, ended (B,) bool (an EOS came before the length limit), and the generation's scores
     (B, R, V): the raw logits, from which old log-probs can be read without another forward pass."""
     out = model.generate(
@@ -456,10 +457,6 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True, output_logits=True)
     responses = out.sequences[:, queries.shape[1]:]
-    if responses.shape[1] < max_new_tokens:  # generation stopped early: all rows ended
-        fill = torch.full((responses.shape[0], max_new_tokens - responses.shape[1]), tokenizer.pad_token_id,
-                          dtype=responses.dtype, device=responses.device)
-        responses = torch.cat([responses, fill], 1)
     response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     return responses, response_mask, ended, torch.stack(out.logits, 1)

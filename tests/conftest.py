@@ -1,0 +1,31 @@
+"""Shared fixtures: run scripts as subprocesses (as CleanRL's tests do), offline, on the CPU."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  TOKENIZERS_PARALLELISM="false")
+
+
+def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python <script> <args>` from the repository root; fail the test with its output."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    if check and result.returncode != 0:
+        pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory) -> Path:
+    """A toy SFT model trained for a few seconds (enough to emit EOS, not to be good)."""
+    out = tmp_path_factory.mktemp("sft")
+    run_script("sft.py", "--output_dir", str(out), "--num_epochs", "1", "--max_train_rows", "512",
+               "--eval_rows", "32", "--eval_every", "4", "--learning_rate", "3e-3")
+    return out
