@@ -332,6 +332,8 @@ def _load_splits(name: str, config: str | None):
     """A DatasetDict from `toy`-less sources: a save_to_disk folder, a data file, or the hub."""
     import datasets
 
+    if not sys.stderr.isatty():  # as `progress`: no progress bars in logs (and one-line errors stay one line)
+        datasets.disable_progress_bars()
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
@@ -348,7 +350,7 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
     (prompt, chosen, rejected[, margin]) or "prompts" (prompt[, completion]).
 
     `name` is `toy`, a hub id, a .json/.jsonl/.parquet file or a `save_to_disk` folder. Without a
-    test split, the last `test_rows` rows of the train split are held out."""
+    test split, the last `test_rows` rows of the train split (at most half of it) are held out."""
     try:
         splits = toy_dataset(stage) if name == TOY else _load_splits(name, config)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -358,9 +360,12 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
     train = splits[train_split]
     if test_split in splits:
         test = splits[test_split]
-    else:
-        test, train = train.select(range(len(train) - test_rows, len(train))), train.select(range(len(train) - test_rows))
+    else:  # hold out the last rows, at most half of a small dataset
+        held_out = min(test_rows, len(train) // 2)
+        test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
     test = test.select(range(min(test_rows, len(test))))
+    if len(train) == 0 or len(test) == 0:
+        fail(f"dataset {name} is too small: {len(train)} training and {len(test)} held-out rows")
     if max_train_rows is not None:
         train = train.select(range(min(max_train_rows, len(train))))
     return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
