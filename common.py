@@ -458,7 +458,7 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     (B, R, V): the raw logits, from which old log-probs can be read without another forward pass."""
     out = model.generate(
         input_ids=queries, attention_mask=query_mask, max_new_tokens=max_new_tokens,
-        do_sample=not greedy, temperature=temperature if not greedy else None, top_k=0, top_p=1.0,
+        **({"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}),
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         return_dict_in_generate=True, output_logits=True)
     responses = out.sequences[:, queries.shape[1]:]
