@@ -362,10 +362,10 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
         test = splits[test_split]
     else:  # hold out the last rows, at most half of a small dataset
         held_out = min(test_rows, len(train) // 2)
+        if held_out == 0:
+            fail(f"dataset {name} has {len(train)} rows in {train_split!r}: too few to hold some out for evaluation")
         test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
     test = test.select(range(min(test_rows, len(test))))
-    if len(train) == 0 or len(test) == 0:
-        fail(f"dataset {name} is too small: {len(train)} training and {len(test)} held-out rows")
     if max_train_rows is not None:
         train = train.select(range(min(max_train_rows, len(train))))
     return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
@@ -613,8 +613,9 @@ def make_reward_fn(kind: str, tokenizer, device: torch.device, reward_model_path
                 mask = torch.cat([query_mask, response_mask], 1)
             else:  # different tokenizers: go through text (TRL refuses this case)
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                seqs = [encode_prompt(rm_tokenizer, p) + encode_completion(rm_tokenizer, t, add_eos=False)
-                        + [rm_tokenizer.eos_token_id] for p, t in zip(prompts, texts)]
+                ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).tolist()
+                seqs = [encode_prompt(rm_tokenizer, p) + encode_completion(rm_tokenizer, t, add_eos=e)
+                        for p, t, e in zip(prompts, texts, ended)]  # EOS only where the policy ended
                 ids, mask = pad(seqs, rm_tokenizer.pad_token_id, side="right")
                 ids, mask = ids.to(device), mask.to(device)
             with autocast(device):
