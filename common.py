@@ -20,7 +20,13 @@ from typing import NoReturn
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from tqdm import tqdm
+
+if not sys.stderr.isatty():  # as `progress`: no progress bars in logs, so one-line errors stay one line
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+    datasets.disable_progress_bars()
 
 TOY = "toy"
 
@@ -332,8 +338,6 @@ def _load_splits(name: str, config: str | None):
     """A DatasetDict from `toy`-less sources: a save_to_disk folder, a data file, or the hub."""
     import datasets
 
-    if not sys.stderr.isatty():  # as `progress`: no progress bars in logs (and one-line errors stay one line)
-        datasets.disable_progress_bars()
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
