@@ -680,3 +680,24 @@ def print_samples(samples: list[dict], n: int = 5) -> None:
     for s in samples[:n]:
         extra = f" gold={s['gold']:+.2f}" if "gold" in s else ""
         print(f"  reward={s['reward']:+.2f}{extra} len={s['length']:>2} | {s['prompt']} || {s['response']}")
+
+
+def length_stratified_gain(base_rewards: list[float], base_lengths: list[int], rewards: list[float],
+                           lengths: list[int], bin_width: int = 5) -> dict:
+    """Reward gain not explained by length (Singhal et al. 2023, "A Long Way to Go", WRG/NRG).
+
+    Bucket responses by length (bins of `bin_width` tokens); in each bin holding responses of both
+    the base (SFT) and the trained policy, take the gain mean(reward) - mean(base reward); average
+    those gains weighted by the bin's number of responses. `length_share` is the part of the total
+    gain that the stratified gain does not keep: 1 - stratified / total (near 1: the gain is length)."""
+    bins: dict[int, tuple[list[float], list[float]]] = {}
+    for group, (rs, ls) in enumerate(((base_rewards, base_lengths), (rewards, lengths))):
+        for r, n in zip(rs, ls):
+            bins.setdefault(n // bin_width, ([], []))[group].append(r)
+    shared = [(base, new) for base, new in bins.values() if base and new]
+    weight = sum(len(base) + len(new) for base, new in shared)
+    stratified = sum((len(base) + len(new)) * (sum(new) / len(new) - sum(base) / len(base))
+                     for base, new in shared) / max(weight, 1)
+    total = sum(rewards) / len(rewards) - sum(base_rewards) / len(base_rewards)
+    return {"reward_gain": total, "length_stratified_gain": stratified,
+            "length_share": 1 - stratified / total if total else float("nan")}

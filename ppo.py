@@ -83,6 +83,10 @@ class Args:
     """value clip range around the rollout's values"""
     vf_coef: float = 0.1
     """value loss coefficient"""
+    length_penalty: float = 0.0
+    """sigma: add sigma * (1 - len/N) to the score, N = --target_length (Singhal et al. 2023)"""
+    omit_long: bool = False
+    """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.)"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only) before GAE"""
     max_grad_norm: float = 1.0
@@ -91,6 +95,8 @@ class Args:
     """evaluate on held-out prompts every this many iterations"""
     eval_prompts: int = 128
     """number of held-out prompts to evaluate on"""
+    length_bin: int = 5
+    """bin width (tokens) of the length-stratified reward gain in the final summary"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +245,13 @@ if __name__ == "__main__":
             # The generation's own logits give the old log-probs: no extra policy forward pass.
             logprobs = common.logprobs_from_logits(gen_logits, responses, args.temperature)
             del gen_logits
+            if args.omit_long and ended.any():  # train only on rollouts that ended, keeping the batch size
+                ended_rows = ended.nonzero().squeeze(-1)
+                keep = torch.where(ended, torch.arange(len(ended), device=device),
+                                   ended_rows[torch.randint(len(ended_rows), ended.shape, device=device)])
+                queries, query_mask, responses, response_mask, ended, logprobs = (
+                    t[keep] for t in (queries, query_mask, responses, response_mask, ended, logprobs))
+                prompts = [prompts[i] for i in keep.tolist()]
             t1 = time.time()
 
             # ---- 2. score, reference log-probs and values of the rollout ----
@@ -251,6 +264,9 @@ if __name__ == "__main__":
             values = common.token_scores(value_model, query_response, attention_mask)[:, context_len - 1:-1]
             scores = reward_fn(prompts, queries, query_mask, responses, response_mask).float()
             raw_scores = scores.clone()
+            if args.length_penalty:
+                lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+                scores = scores + args.length_penalty * (1 - lengths / args.target_length)
             if args.missing_eos_penalty is not None:  # N+ "EOS trick"
                 scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
         response_mask = response_mask.float()
@@ -327,6 +343,8 @@ if __name__ == "__main__":
     # ---- 6. final evaluation (sampled and greedy) and saving ----
     summary, samples = run_eval(num_iterations)
     greedy_metrics, _ = run_eval(num_iterations, greedy=True)
+    summary |= common.length_stratified_gain([s["reward"] for s in initial_samples], [s["length"] for s in initial_samples],
+                                             [s["reward"] for s in samples], [s["length"] for s in samples], args.length_bin)
     summary |= {"greedy": greedy_metrics, "initial": initial_metrics, "train_time": round(time.time() - start, 1)}
     common.print_samples(samples)
     print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
