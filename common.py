@@ -578,7 +578,15 @@ def save_run(output_dir: str, model, tokenizer, args, summary: dict | None = Non
     tmp.rmdir()
     write_json(out / "args.json", asdict(args))
     if summary is not None:
-        write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary | {"peak_memory_mb": round(peak_memory_mb(), 1)})
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory (Linux: KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------------------------------------
