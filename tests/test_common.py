@@ -1,0 +1,538 @@
+"""Unit tests of common.py (and sft.py's pure pieces): each checked against a deliberately naive,
+loop-based implementation or hand-computed values, and each SPEC.md correctness fact shown to hold."""
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+import common
+import sft
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: tiny models and naive reference implementations.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    return common.toy_tokenizer()
+
+
+def tiny_config(arch: str, tokenizer, **extra) -> GPT2Config | LlamaConfig:
+    """A 2-layer, 32-dim GPT-2 or Llama config over `tokenizer`'s vocabulary, dropout off."""
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if arch == "gpt2":
+        return GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, **ids, **extra)
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, max_position_embeddings=64, **ids, **extra)
+
+
+def tiny_lm(arch: str, tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer)).eval()
+
+
+def tiny_scorer(arch: str, tokenizer, seed: int = 0):
+    """A randomly initialized scalar-head sequence classifier (a stand-in reward model)."""
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(tiny_config(arch, tokenizer, num_labels=1)).eval()
+
+
+def naive_log_softmax(logits: list[float], index: int, temperature: float = 1.0) -> float:
+    """log softmax(logits / T)[index], one element at a time."""
+    scaled = [x / temperature for x in logits]
+    top = max(scaled)
+    return scaled[index] - top - math.log(sum(math.exp(x - top) for x in scaled))
+
+
+@torch.no_grad()
+def logprobs_alone(model, ids: list[int], start: int, temperature: float = 1.0) -> list[float]:
+    """Log-probs of ids[start:] with the sequence run alone (no padding, default positions)."""
+    logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return [naive_log_softmax(logits[t - 1].tolist(), ids[t], temperature) for t in range(start, len(ids))]
+
+
+@torch.no_grad()
+def score_alone(scorer, ids: list[int]) -> float:
+    """A sequence classifier's own output on one unpadded sequence (it reads the last token)."""
+    return scorer(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+
+def words_to_ids(tokenizer, text: str) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(w) for w in text.split()]
+
+
+REVIEWS = [("the plot was", "very good . i loved it ."), ("i", "hated the ending . it was slow ."),
+           ("it was not", "bad ."), ("the acting was extremely", "awful . the music was nice . i liked it .")]
+
+
+def left_padded_queries(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    return common.pad([common.encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, "left")
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs: padding, position ids, temperature.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pad_left_and_right() -> None:
+    seqs = [[5, 6, 7], [8]]
+    ids, mask = common.pad(seqs, 0, "right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = common.pad(seqs, 0, "left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert common.position_ids(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padded_logprobs_equal_each_row_alone(arch: str, tok) -> None:
+    """SPEC fact: log-probs of a left-padded batch (with mask-derived position ids) are those of each
+    row run alone; responses are right-padded after EOS, and only masked tokens are compared."""
+    model = tiny_lm(arch, tok)
+    temperature = 0.7
+    queries, query_mask = left_padded_queries(tok, [p for p, _ in REVIEWS])
+    completions = [common.encode_completion(tok, c) for _, c in REVIEWS]
+    responses, response_mask = common.pad(completions, tok.pad_token_id, "right")
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    with torch.no_grad():
+        logprobs, logits = common.response_logprobs(model, ids, mask, queries.shape[1], temperature)
+    assert logprobs.shape == responses.shape and logits.shape == (*responses.shape, len(tok))
+    for i, (prompt, _) in enumerate(REVIEWS):
+        prompt_ids = common.encode_prompt(tok, prompt)
+        expected = logprobs_alone(model, prompt_ids + completions[i], len(prompt_ids), temperature)
+        got = logprobs[i, :len(completions[i])].tolist()
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_gpt2_without_position_ids_is_wrong_on_left_padded_rows(tok) -> None:
+    """The trap is real: GPT-2 (learned absolute positions) does not derive position ids from the
+    mask in a plain forward pass, so a left-padded row's log-probs are shifted by its padding."""
+    model = tiny_lm("gpt2", tok)
+    rows = [common.encode_prompt(tok, p) + common.encode_completion(tok, c) for p, c in REVIEWS]
+    ids, mask = common.pad(rows, tok.pad_token_id, "left")
+    with torch.no_grad():
+        plain = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+        fixed = torch.log_softmax(common.forward(model, ids, mask).logits, -1)
+    for i, row in enumerate(rows):
+        alone = torch.tensor([logprobs_alone(model, row, 1)])
+        width = len(row)
+        gather = torch.tensor(row[1:])
+        plain_row = plain[i, -width:-1].gather(-1, gather[:, None]).squeeze(-1)
+        fixed_row = fixed[i, -width:-1].gather(-1, gather[:, None]).squeeze(-1)
+        assert torch.allclose(fixed_row, alone, atol=1e-4)
+        if width < ids.shape[1]:  # a padded row: wrong without position ids
+            assert (plain_row - alone).abs().max() > 0.01
+        else:  # the longest row has no padding: the same either way
+            assert torch.allclose(plain_row, alone, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+def test_logprobs_from_logits_with_temperature(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 7, generator=gen) * 3
+    labels = torch.randint(0, 7, (2, 3), generator=gen)
+    got = common.logprobs_from_logits(logits, labels, temperature)
+    for b in range(2):
+        for t in range(3):
+            expected = naive_log_softmax(logits[b, t].tolist(), labels[b, t].item(), temperature)
+            assert got[b, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses: truncation after EOS, lengths, generation.
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_response_mask(row: list[int], eos_id: int) -> tuple[list[int], bool]:
+    mask, ended = [], False
+    for token in row:
+        mask.append(0 if ended else 1)
+        ended = ended or token == eos_id
+    return mask, eos_id in row
+
+
+def test_truncate_after_eos_and_response_length() -> None:
+    eos, pad_id = 2, 0
+    rows = [[5, 2, 7, 2],  # EOS in the middle, and a second one after it
+            [5, 6, 7, 8],  # no EOS: hit the length limit
+            [2, 5, 6, 0],  # EOS first: an empty response
+            [5, 6, 7, 2]]  # EOS last
+    mask, ended = common.truncate_after_eos(torch.tensor(rows), eos)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, False, True, True]
+    for i, row in enumerate(rows):
+        assert (mask[i].tolist(), bool(ended[i])) == naive_response_mask(row, eos)
+    responses = torch.tensor(rows).masked_fill(mask == 0, pad_id)
+    lengths = common.response_length(responses, mask, eos)  # EOS excluded
+    assert lengths.tolist() == [1, 4, 0, 3]
+
+
+def test_generate_pads_after_eos_and_its_logits_give_the_forward_logprobs(tok) -> None:
+    model = tiny_lm("gpt2", tok)
+    # Make EOS likely (about 1 in 10 per token) so that some rows end and some hit the limit.
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out + 2.3 * torch.nn.functional.one_hot(
+        torch.tensor(tok.eos_token_id), out.shape[-1]))
+    prompts = [p for p, _ in REVIEWS] * 4
+    queries, query_mask = left_padded_queries(tok, prompts)
+    torch.manual_seed(0)
+    max_new_tokens, temperature = 16, 0.9
+    responses, response_mask, ended, gen_logits = common.generate(model, queries, query_mask, tok,
+                                                                  max_new_tokens, temperature)
+    assert responses.shape[1] <= max_new_tokens and gen_logits.shape == (*responses.shape, len(tok))
+    assert ended.any() and not ended.all()
+    for i, row in enumerate(responses.tolist()):
+        mask, has_eos = naive_response_mask(row, tok.eos_token_id)
+        assert response_mask[i].tolist() == mask and bool(ended[i]) == has_eos
+        assert all(token == tok.pad_token_id for token, m in zip(row, mask) if m == 0)
+    # Old log-probs can be read from the generation's own logits: they equal a forward pass's.
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    with torch.no_grad():
+        forward_logprobs, _ = common.response_logprobs(model, ids, mask, queries.shape[1], temperature)
+    gen_logprobs = common.logprobs_from_logits(gen_logits, responses, temperature)
+    assert torch.allclose(gen_logprobs * response_mask, forward_logprobs * response_mask, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT: completion masking and loss.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sft_tokenize_masks_the_prompt_and_learns_eos(tok) -> None:
+    [(ids, labels)] = sft.tokenize([{"prompt": "the plot was", "completion": "very good ."}], tok, 128)
+    prompt, completion = words_to_ids(tok, "the plot was"), words_to_ids(tok, "very good .")
+    assert ids == [tok.bos_token_id, *prompt, *completion, tok.eos_token_id]
+    assert labels == [-100] * (1 + len(prompt)) + completion + [tok.eos_token_id]
+    assert ids.count(tok.bos_token_id) == 1  # no second <bos> before the completion
+    [(short_ids, short_labels)] = sft.tokenize([{"prompt": "the plot was", "completion": "very good ."}], tok, 5)
+    assert short_ids == ids[:5] and short_labels == labels[:5]
+
+
+def test_sft_completion_loss_matches_a_naive_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 6, generator=gen)
+    labels = torch.tensor([[-100, -100, 3, 1, 2], [-100, 4, 2, -100, -100]])
+    terms = [-naive_log_softmax(logits[b, t].tolist(), labels[b, t + 1].item())
+             for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
+    assert sft.completion_loss(logits, labels).item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world: gold reward, well-formedness, length reward, tokenizer, datasets.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt, completion, expected", [
+    ("the plot was", "good .", 1.0),
+    ("the plot was", "very good .", 1.5),  # intensifier x1.5
+    ("it was", "extremely awful .", -4.0),  # x2 on -2
+    ("it was not", "bad .", 0.5),  # negation x-0.5 on -1
+    ("i did not", "like it .", -0.5),
+    ("i really", "loved the music .", 3.0),  # adverb x1.5 on +2
+    ("it was not", "very good .", -0.75),  # 1 x -0.5 x 1.5
+    ("the plot was", "good . it was awful .", -0.5),  # mean of +1 and -2
+    ("i loved", "it . i loved it . i loved it .", 2.0 - 2.0),  # one unique sentence, two repeats
+    ("the plot", "good was .", -2.0),  # malformed, no valid sentence
+    ("the plot was", "good . was it good", 1.0 - 2.0),  # a trailing fragment is malformed
+    ("the plot was good .", "", 1.0),  # empty completion of a complete prompt
+    ("the plot was", "", -2.0),  # empty completion of an unfinished sentence
+    ("", "", 0.0),
+])
+def test_gold_reward_on_hand_written_reviews(prompt: str, completion: str, expected: float) -> None:
+    assert common.gold_reward(prompt, completion) == pytest.approx(expected)
+
+
+def test_well_formed_rate() -> None:
+    assert common.well_formed("the plot was", "good . i loved it .") == 1.0
+    assert common.well_formed("the plot was", "good . plot good .") == 0.5
+    assert common.well_formed("it was", "good . was . good") == pytest.approx(1 / 3)
+    assert common.well_formed("", "") == 0.0
+
+
+def test_length_reward() -> None:
+    n = torch.tensor([20, 10, 30, 0, 40, 50, 15])
+    assert common.length_reward(n, 20).tolist() == pytest.approx([1.0, 0.5, 0.5, 0.0, 0.0, -0.5, 0.75])
+
+
+def test_toy_tokenizer_round_trips_through_save_pretrained(tok, tmp_path: Path) -> None:
+    specials = [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id]
+    assert len(set(specials)) == 4 and None not in specials
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert [loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id] == specials
+    assert loaded.get_vocab() == tok.get_vocab()
+    for text in ["the plot was very good .", "i did not like it . xyzzy", ""]:
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+        assert loaded(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok("the plot was xyzzy")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.unk_token_id
+    assert loaded.decode(tok("i loved it .")["input_ids"], skip_special_tokens=True) == "i loved it ."
+
+
+def test_toy_datasets_are_deterministic_and_grammatical() -> None:
+    make = common.toy_dataset.__wrapped__  # bypass the cache: build twice for real
+    first, again = make("sft", 0, 64, 8), make("sft", 0, 64, 8)
+    assert first["train"].to_list() == again["train"].to_list() and first["test"].to_list() == again["test"].to_list()
+    assert make("sft", 1, 64, 8)["train"].to_list() != first["train"].to_list()
+    for row in first["train"]:
+        assert 2 <= len(row["prompt"].split()) <= 4 and row["completion"]
+        assert common.well_formed(row["prompt"], row["completion"]) == 1.0
+    preference = make("preference", 0, 64, 8)
+    assert preference["train"].to_list() == make("preference", 0, 64, 8)["train"].to_list()
+    for row in preference["train"]:
+        assert common.well_formed(row["prompt"], row["chosen"]) == 1.0
+        assert common.well_formed(row["prompt"], row["rejected"]) == 1.0
+
+
+def test_toy_annotator_agrees_with_gold_about_73_percent_and_prefers_longer() -> None:
+    rows = common.toy_dataset("preference")["train"].to_list()
+    agree = decided = longer_chosen = length_ties = 0
+    for row in rows:
+        gold_chosen = common.gold_reward(row["prompt"], row["chosen"])
+        gold_rejected = common.gold_reward(row["prompt"], row["rejected"])
+        if gold_chosen != gold_rejected:
+            decided += 1
+            agree += gold_chosen > gold_rejected
+            assert row["gold_chosen_better"] == (gold_chosen > gold_rejected)
+        elif len(row["chosen"].split()) != len(row["rejected"].split()):
+            length_ties += 1
+            longer_chosen += len(row["chosen"].split()) > len(row["rejected"].split())
+    assert 0.70 < agree / decided < 0.78  # label noise: the accuracy ceiling of a reward model
+    assert length_ties > 50 and longer_chosen / length_ties > 0.6  # the length bias, at equal gold
+
+
+# ---------------------------------------------------------------------------------------------
+# Data formats and loading.
+# ---------------------------------------------------------------------------------------------
+
+HH_CHOSEN = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6, I think."
+HH_REJECTED = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: Go away."
+USER = {"role": "user", "content": "how was the movie ?"}
+
+FORMATS = {  # name: (stage, row, expected standardized fields)
+    "prompt-only": ("prompts", {"prompt": "the plot was"}, {"prompt": "the plot was", "completion": None}),
+    "prompt/completion": ("sft", {"prompt": "the plot was", "completion": "good ."},
+                          {"prompt": "the plot was", "completion": "good ."}),
+    "explicit preference": ("preference", {"prompt": "it was", "chosen": "good .", "rejected": "bad ."},
+                            {"prompt": "it was", "chosen": "good .", "rejected": "bad ."}),
+    "HH-RLHF raw": ("preference", {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
+                    {"prompt": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant:",
+                     "chosen": " 6, I think.", "rejected": " Go away."}),
+    "RRHF": ("preference", {"query": "it was", "responses": ["okay .", "great .", "awful ."], "scores": [0.1, 2.0, -1.0]},
+             {"prompt": "it was", "completion": "great .", "chosen": "great .", "rejected": "awful ."}),
+}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_standard_formats_through_load_data(name: str, tok, tmp_path: Path) -> None:
+    stage, row, expected = FORMATS[name]
+    assert {k: common.standardize_row(row, tok)[k] for k in expected} == expected
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for _ in range(5)))
+    train, test = common.load_data(str(path), stage, tok, test_rows=2)
+    assert len(train) == 3 and len(test) == 2  # no test split: the last rows are held out
+    assert {k: train[0][k] for k in expected} == expected
+
+
+def assert_conversational_prompt(prompt: str, tokenizer) -> None:
+    """Without a chat template, turns are joined HH-style and end with the assistant's cue."""
+    assert tokenizer.chat_template is None
+    assert USER["content"] in prompt and prompt.endswith(common.HH_ASSISTANT)
+
+
+@pytest.mark.parametrize("stage, row", [
+    ("prompts", {"prompt": [USER]}),
+    ("sft", {"messages": [USER, {"role": "assistant", "content": "great ."}]}),
+    ("sft", {"prompt": [USER], "completion": [{"role": "assistant", "content": "great ."}]}),
+    ("preference", {"prompt": [USER], "chosen": [{"role": "assistant", "content": "great ."}],
+                    "rejected": [{"role": "assistant", "content": "bad ."}]}),
+    ("preference", {"chosen": [USER, {"role": "assistant", "content": "great ."}],  # implicit prompt
+                    "rejected": [USER, {"role": "assistant", "content": "bad ."}]}),
+])
+def test_conversational_formats_through_load_data(stage: str, row: dict, tok, tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for _ in range(4)))
+    train, _ = common.load_data(str(path), stage, tok, test_rows=1)
+    assert_conversational_prompt(train[0]["prompt"], tok)
+    if stage == "sft":
+        assert train[0]["completion"] == "great ."
+    if stage == "preference":
+        assert (train[0]["chosen"], train[0]["rejected"]) == ("great .", "bad .")
+
+
+def test_conversational_prompt_uses_the_chat_template() -> None:
+    tokenizer = common.toy_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    row = common.standardize_row({"messages": [USER, {"role": "assistant", "content": "great ."}]}, tokenizer)
+    assert row["prompt"] == "<user>how was the movie ?<assistant>" and row["completion"] == "great ."
+
+
+def test_parquet_file_and_save_to_disk_folders(tok, tmp_path: Path) -> None:
+    rows = [{"prompt": f"it was {adjective}", "completion": "."} for adjective in ("good", "bad", "fine", "okay")]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "data.parquet"))
+    train, test = common.load_data(str(tmp_path / "data.parquet"), "sft", tok, test_rows=1)
+    assert [r["prompt"] for r in train + test] == [r["prompt"] for r in rows] and len(test) == 1
+
+    DatasetDict(train=Dataset.from_list(rows[:3]), test=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "dict"))
+    train, test = common.load_data(str(tmp_path / "dict"), "sft", tok, test_rows=8)
+    assert [r["prompt"] for r in train] == [r["prompt"] for r in rows[:3]] and test[0]["prompt"] == "it was okay"
+
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))  # one Dataset: it is the train split
+    train, test = common.load_data(str(tmp_path / "single"), "sft", tok, test_rows=2, max_train_rows=1)
+    assert [r["prompt"] for r in train] == ["it was good"] and [r["prompt"] for r in test] == ["it was fine", "it was okay"]
+
+
+def test_small_dataset_holds_out_at_most_half(tok, tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "it was", "completion": f"{w} ."}) + "\n" for w in ("good", "bad", "fine")))
+    train, test = common.load_data(str(path), "sft", tok, test_rows=256)
+    assert [r["completion"] for r in train] == ["good .", "bad ."] and [r["completion"] for r in test] == ["fine ."]
+    path.write_text(json.dumps({"prompt": "it was", "completion": "good ."}) + "\n")
+    with pytest.raises(SystemExit):  # one row cannot be split into train and held-out rows
+        common.load_data(str(path), "sft", tok)
+
+
+@pytest.mark.parametrize("stage, row, says", [
+    ("sft", {"text": "it was good .", "label": 1}, "['text', 'label']"),  # fits no format
+    ("sft", {"prompt": "it was good ."}, "needs"),  # prompt-only, but SFT needs completions
+])
+def test_unusable_columns_exit_2_with_one_line(stage: str, row: dict, says: str, tok, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for _ in range(4)))
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_data(str(path), stage, tok, test_rows=1)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and says in err and "prompt/completion" in err
+
+
+def test_missing_dataset_file_exits_2(tok, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_data(str(tmp_path / "missing.jsonl"), "sft", tok)
+    assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: last-token scores and reward functions.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_scores_read_the_last_real_token(arch: str, side: str, tok) -> None:
+    scorer = tiny_scorer(arch, tok)
+    rows = [common.encode_prompt(tok, p) + common.encode_completion(tok, c) for p, c in REVIEWS]
+    ids, mask = common.pad(rows, tok.pad_token_id, side)
+    with torch.no_grad():
+        scores = common.last_token_scores(scorer, ids, mask)
+    assert scores.tolist() == pytest.approx([score_alone(scorer, row) for row in rows], abs=1e-4)
+
+
+def other_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the toy words with different ids and special-token order, and no
+    BOS: a reward model from another family than the policy."""
+    vocab = {w: i for i, w in enumerate([common.UNK, common.EOS, common.PAD] + sorted(common.TOY_WORDS, reverse=True))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=common.UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="$A")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD, eos_token=common.EOS,
+                                   unk_token=common.UNK)
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+def test_model_reward_matches_scoring_the_text_directly(same_tokenizer: bool, tok, tmp_path: Path) -> None:
+    rm_tok = tok if same_tokenizer else other_tokenizer()
+    scorer = tiny_scorer("gpt2", rm_tok)
+    scorer.save_pretrained(tmp_path)
+    rm_tok.save_pretrained(tmp_path)
+    reward_fn = common.make_reward_fn("model", tok, torch.device("cpu"), reward_model_path=str(tmp_path))
+
+    prompts = [p for p, _ in REVIEWS]
+    queries, query_mask = left_padded_queries(tok, prompts)
+    # Policy responses as generate() returns them: EOS, then pad; the longest row hit the length
+    # limit without its EOS.
+    completions = [common.encode_completion(tok, c) for _, c in REVIEWS]
+    completions[3] = completions[3][:-1]
+    assert len(completions[3]) == max(len(c) for c in completions)
+    responses, _ = common.pad(completions, tok.pad_token_id, "right")
+    response_mask, _ = common.truncate_after_eos(responses, tok.eos_token_id)
+    scores = reward_fn(prompts, queries, query_mask, responses, response_mask)
+
+    expected = []
+    for prompt, completion in zip(prompts, completions):
+        text = " ".join(tok.convert_ids_to_tokens([t for t in completion if t != tok.eos_token_id]))
+        ids = rm_tok(prompt)["input_ids"] + rm_tok(text, add_special_tokens=False)["input_ids"]
+        ended = tok.eos_token_id in completion  # a response cut at the limit is scored at its last token
+        expected.append(score_alone(scorer, ids + [rm_tok.eos_token_id] * ended))
+    assert scores.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_gold_and_length_reward_functions(tok) -> None:
+    prompts = [p for p, _ in REVIEWS]
+    queries, query_mask = left_padded_queries(tok, prompts)
+    responses, _ = common.pad([common.encode_completion(tok, c) for _, c in REVIEWS], tok.pad_token_id, "right")
+    response_mask, _ = common.truncate_after_eos(responses, tok.eos_token_id)
+    gold_fn = common.make_reward_fn("gold", tok, torch.device("cpu"))
+    expected = [common.gold_reward(p, c) for p, c in REVIEWS]
+    assert gold_fn(prompts, queries, query_mask, responses, response_mask).tolist() == pytest.approx(expected)
+    length_fn = common.make_reward_fn("length", tok, torch.device("cpu"), target_length=8)
+    expected = [1 - abs(len(c.split()) / 8 - 1) for _, c in REVIEWS]
+    assert length_fn(prompts, queries, query_mask, responses, response_mask).tolist() == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving runs.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunArgs:
+    seed: int = 1
+    output_dir: str = "runs/test"
+
+
+def test_save_run_writes_json_and_is_atomic(tok, tmp_path: Path, monkeypatch) -> None:
+    model = tiny_lm("gpt2", tok, seed=0)
+    common.save_run(str(tmp_path), model, tok, RunArgs(seed=7), {"eval_loss": 1.5})
+    assert json.loads((tmp_path / "args.json").read_text()) == asdict(RunArgs(seed=7))
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"eval_loss": 1.5}
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def crash_midway(directory, *args, **kwargs) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"half a file")
+        raise RuntimeError("disk full")
+
+    other = tiny_lm("gpt2", tok, seed=1)
+    monkeypatch.setattr(other, "save_pretrained", crash_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        common.save_run(str(tmp_path), other, tok, RunArgs(seed=8), {"eval_loss": 9.0})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the previous checkpoint survived
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
+    assert json.loads((tmp_path / "args.json").read_text())["seed"] == 7
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"eval_loss": 1.5}
+    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
+
+
+def test_seed_everything_makes_sampling_repeatable() -> None:
+    common.seed_everything(3)
+    first = (random.random(), torch.rand(2).tolist())
+    common.seed_everything(3)
+    assert (random.random(), torch.rand(2).tolist()) == first
