@@ -29,7 +29,7 @@ class Args:
     dataset_train_split: str = "train"
     """split to train on"""
     dataset_test_split: str = "test"
-    """split to evaluate on (without one, the last `eval_rows` training rows are held out)"""
+    """split to evaluate on (without one, the last `eval_rows` training rows, at most half, are held out)"""
     output_dir: str = "runs/sft"
     """where the model, args.json, metrics.jsonl and summary.json go"""
     seed: int = 1
