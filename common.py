@@ -224,7 +224,7 @@ def _check_exists(name_or_path: str, hint: str) -> None:
     """Fail early on a local path that does not exist; anything else may be a hub id."""
     if os.path.exists(os.path.expanduser(name_or_path)):
         return
-    if name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") != 1:
+    if name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1:  # hub ids: "gpt2", "org/name"
         fail(f"{name_or_path} not found: {hint}")
 
 

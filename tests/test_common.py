@@ -429,6 +429,21 @@ def test_missing_dataset_file_exits_2(tok, tmp_path: Path) -> None:
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./missing", "runs/missing_sft", "a/b/c"])
+def test_missing_local_model_path_exits_2(name: str, tok, capsys) -> None:
+    for load in (lambda: common.load_tokenizer(name, "run `python sft.py` first"),
+                 lambda: common.load_model(name, tok, "score", "run `python sft.py` first")):
+        with pytest.raises(SystemExit) as exit_info:
+            load()
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {name} not found: run `python sft.py` first\n"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "EleutherAI/pythia-160m"])
+def test_hub_ids_are_not_mistaken_for_missing_paths(name: str) -> None:
+    common._check_exists(name, "unused")  # with or without an organization: left to the hub to resolve
+
+
 # ---------------------------------------------------------------------------------------------
 # Scoring: last-token scores and reward functions.
 # ---------------------------------------------------------------------------------------------
