@@ -322,13 +322,13 @@ if __name__ == "__main__":
             "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "val/mean": masked_mean(values, response_mask).item(),
-            "eps": kl_coef if kl_ctl else args.kl_coef,
+            "kl_coef": kl_coef,
             "lr": scheduler.get_last_lr()[0],
             "response/length": lengths.mean().item(),
             "response/eos_rate": ended.float().mean().item(),
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
-            "episodes_per_second": args.batch_size / (t3 - t0),
+            "eps": args.batch_size / (t3 - t0),  # episodes per second (TRL's name)
         }
         if args.reward == "length":
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
