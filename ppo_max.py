@@ -1,0 +1,461 @@
+"""PPO-max, from "Secrets of RLHF in Large Language Models Part I: PPO" (Zheng et al. 2023, section 5.4).
+
+This file is ppo.py with exactly the PPO-max changes, each marked `# PPO-max:`, so that
+`diff ppo.py ppo_max.py` shows them:
+- the score is normalized by the running (historical) mean and std of all scores so far, then
+  clipped to +-delta (--reward_clip);
+- advantages are whitened per minibatch, optionally clipped (--advantage_clip);
+- the critic (initialized from the reward model, as in ppo.py) is pretrained with the value loss
+  alone for --critic_warmup_steps iterations before any policy update;
+- the rollouts form a small experience buffer used once (one PPO epoch);
+- an optional pretraining loss on the SFT demonstrations (--ptx_coef);
+- monitors of "pattern collapse", logged every iteration: policy and reference perplexity of the
+  samples, and the spread and upper tail of the score distribution (with length and KL, as ppo.py).
+Kept from ppo.py: the token-level KL penalty, value-loss clipping, policy clip 0.2, gradient-norm
+clipping 1.0, GAE with gamma 1 and lambda 0.95, no entropy bonus (the paper does not recommend one).
+
+    python ppo_max.py                                 # learned reward model (runs/reward_model)
+    python ppo_max.py --reward gold                   # the toy world's true reward
+"""
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    sft_model_path: str = "runs/sft"
+    """the SFT model: the initial policy and the frozen reference"""
+    reward: Literal["model", "gold", "length"] = "model"
+    """`model`: the reward model; `gold`: the toy world's true reward; `length`: 1 - |n/N - 1|"""
+    reward_model_path: str = "runs/reward_model"
+    """the reward model (with --reward model); it also initializes the value model"""
+    target_length: int = 20
+    """N, the target response length in tokens for --reward length"""
+    dataset_name: str = "toy"
+    """prompts: `toy`, a hub id, or a local .json/.jsonl/.parquet file or `save_to_disk` folder"""
+    dataset_config: str | None = None
+    """dataset configuration name on the hub"""
+    dataset_train_split: str = "train"
+    """split whose prompts are used for training"""
+    dataset_test_split: str = "test"
+    """split whose prompts are used for evaluation"""
+    output_dir: str = "runs/ppo_max"
+    """where the policy, args.json, metrics.jsonl and summary.json go"""
+    seed: int = 1
+    """random seed"""
+    device: str = "auto"
+    """`auto` (cuda if available), `cpu` or `cuda`"""
+    track: bool = False
+    """log to Weights & Biases"""
+
+    total_episodes: int = 6400
+    """number of sampled responses to train on"""
+    batch_size: int = 64
+    """prompts (and responses) per PPO iteration"""
+    num_mini_batches: int = 4  # PPO-max: buffer of 64 rollouts in minibatches of 16 (one pass, 4 updates)
+    """minibatches per PPO epoch"""
+    num_ppo_epochs: int = 1  # PPO-max: the experience buffer (one batch of rollouts) is used once
+    """optimization epochs over each batch of rollouts"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of policy and value model, decayed linearly to 0"""
+    max_new_tokens: int = 48
+    """response length limit"""
+    temperature: float = 1.0
+    """sampling temperature (log-probs are computed with the same temperature)"""
+    kl_coef: float = 0.05
+    """beta: per-token KL penalty coefficient (initial value with --adaptive_kl)"""
+    adaptive_kl: bool = False
+    """adapt beta to keep the KL near --kl_target (Ziegler et al. 2019)"""
+    kl_target: float = 6.0
+    """target KL (nats per sequence) for the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon (episodes) of the adaptive controller"""
+    missing_eos_penalty: float | None = -1.0
+    """score given to a response with no EOS within the limit (None: keep its reward)"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip epsilon"""
+    cliprange_value: float = 0.2
+    """value clip range around the rollout's values"""
+    vf_coef: float = 0.1
+    """value loss coefficient"""
+    length_penalty: float = 0.0
+    """sigma: add sigma * (1 - len/N) to the score, N = --target_length (Singhal et al. 2023)"""
+    omit_long: bool = False
+    """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.)"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (scale only) before GAE"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    reward_clip: float = 0.8  # PPO-max
+    """delta: the score is normalized with the running mean/std of all scores, then clipped to +-delta"""
+    advantage_clip: float | None = None  # PPO-max
+    """clip the whitened advantages to +-this (the paper sweeps 0.5 and 0.12; None: no clipping)"""
+    critic_warmup_steps: int = 10  # PPO-max
+    """iterations that train only the value model before policy updates begin (extra to total_episodes)"""
+    ptx_coef: float = 0.0  # PPO-max
+    """w_ptx: weight of the pretraining loss, the cross-entropy of the SFT demonstrations"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations"""
+    eval_prompts: int = 128
+    """number of held-out prompts to evaluate on"""
+    length_bin: int = 5
+    """bin width (tokens) of the length-stratified reward gain in the final summary"""
+
+
+# ---------------------------------------------------------------------------------------------
+# The math. Shapes: B responses, R response tokens (right-padded; mask is 1 up to the first EOS).
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         response_mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards r_t = -beta * (log pi(a_t) - log pi_ref(a_t)), plus the sequence score on
+    the last response token (the EOS, or the last token when there is none).
+
+    scores (B,), logprobs/ref_logprobs/response_mask (B, R) -> rewards (B, R), kl (B, R).
+    kl is the k1 estimator per token, 0 on padding."""
+    kl = (logprobs - ref_logprobs) * response_mask
+    rewards = -kl_coef * kl
+    last = response_mask.sum(-1).long() - 1  # index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
+                gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016).
+
+    delta_t = r_t + gamma V(t+1) - V(t),  A_t = delta_t + gamma lam A_{t+1},  returns = A + V.
+    rewards, values, response_mask (B, R) -> advantages (B, R), returns (B, R). The value after the
+    last real token is 0 (the episode ends); padding carries 0 reward and 0 value, so it adds nothing."""
+    values = values * response_mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    response_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective: L = mean_t max(-A ratio, -A clip(ratio, 1-eps, 1+eps)),
+    ratio = pi(a_t) / pi_old(a_t). All inputs (B, R); returns the scalar loss and statistics."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), response_mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+             "approxkl": 0.5 * masked_mean(log_ratio ** 2, response_mask),
+             "ratio": masked_mean(ratio, response_mask)}
+    return loss, stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   response_mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: L = 0.5 mean_t max((V - R)^2, (V_clip - R)^2),
+    V_clip = V_old + clip(V - V_old, -eps, eps). All inputs (B, R) -> loss, clip fraction."""
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    losses, losses_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), response_mask)
+    return loss, masked_mean((losses_clipped > losses).float(), response_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO-max: the new math (Zheng et al. 2023, section 5.4).
+# ---------------------------------------------------------------------------------------------
+
+
+class RunningMoments:
+    """Running mean and std of every score seen so far: PPO-max's "historical" reward statistics.
+
+    Each batch's mean and variance are merged into the running ones with the parallel form of
+    Welford's algorithm (Chan et al. 1979), so no history is kept: after updates with batches
+    x_1..x_k, `mean` and `std` equal those of concat(x_1..x_k) (population std, ddof=0)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 0.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        batch_mean, batch_var = x.double().mean().item(), x.double().var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        # sum of squared deviations of the union = both parts' own + the shift between their means
+        m2 = self.var * self.count + batch_var * n + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+
+def normalize_and_clip_scores(scores: torch.Tensor, mean: float, std: float, clip: float) -> torch.Tensor:
+    """Reward normalization and clipping, r <- clip((r - mean) / std, -delta, delta), with the
+    running mean and std of all scores so far. scores (B,) -> (B,)."""
+    return ((scores - mean) / (std + 1e-8)).clamp(-clip, clip)
+
+
+def normalize_advantages(advantages: torch.Tensor, response_mask: torch.Tensor,
+                         clip: float | None) -> torch.Tensor:
+    """Whiten the advantages over the response tokens of a minibatch, then clip them to +-clip
+    (None: no clipping). advantages, response_mask (B, R) -> (B, R), 0 on padding."""
+    advantages = masked_whiten(advantages, response_mask)
+    return advantages if clip is None else advantages.clamp(-clip, clip)
+
+
+def collapse_monitors(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                      scores: torch.Tensor) -> dict[str, float]:
+    """The signs of pattern collapse, which reward and loss curves do not show (section 5.3):
+    perplexity of the policy on its own samples falls, the reference model's perplexity of the same
+    samples rises, and the score distribution grows a long upper tail.
+
+    Perplexity is exp of the mean negative log-prob per response token (pooled over the batch).
+    logprobs, ref_logprobs, response_mask (B, R); scores (B,) raw scores -> dict of floats."""
+    n_tokens = response_mask.sum().clamp(min=1)
+    p10, p50, p90 = torch.quantile(scores.float(), scores.new_tensor([0.1, 0.5, 0.9]).float()).tolist()
+    return {"monitor/perplexity": math.exp(-(logprobs * response_mask).sum().item() / n_tokens.item()),
+            "monitor/ref_perplexity": math.exp(-(ref_logprobs * response_mask).sum().item() / n_tokens.item()),
+            "monitor/score_std": scores.float().std(unbiased=False).item(),
+            "monitor/score_tail": p90 - p50,  # upper tail: 90th percentile minus the median
+            "monitor/score_low_tail": p50 - p10}
+
+
+def ptx_loss(policy, rows: list[dict], tokenizer, device: torch.device) -> torch.Tensor:
+    """Pretraining loss: mean cross-entropy of the completion tokens (and EOS) of SFT
+    demonstrations, the prompt being context only, as in sft.py."""
+    prompts = [common.encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    completions = [common.encode_completion(tokenizer, row["completion"]) for row in rows]
+    ids, mask = common.pad([p + c for p, c in zip(prompts, completions)], tokenizer.pad_token_id, side="right")
+    targets, _ = common.pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, side="right")
+    ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+    logprobs = common.logprobs_from_logits(common.forward(policy, ids, mask).logits[:, :-1], ids[:, 1:])
+    return -masked_mean(logprobs, targets[:, 1:].float())
+
+
+class AdaptiveKLController:
+    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon), Ziegler et al. 2019."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    common.seed_everything(args.seed)
+    device = common.pick_device(args.device)
+    num_iterations = args.total_episodes // args.batch_size
+    minibatch_size = args.batch_size // args.num_mini_batches
+    toy = args.dataset_name == common.TOY
+
+    # ---- models: policy, frozen reference, value model, reward function ----
+    hint = "run `python sft.py` first or pass --sft_model_path"
+    tokenizer = common.load_tokenizer(args.sft_model_path, hint)
+    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
+    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).eval()
+    ref_policy.requires_grad_(False)
+    reward_fn = common.make_reward_fn(args.reward, tokenizer, device, args.reward_model_path, args.target_length)
+    # N+: the value model starts from the reward model (it already reads the text's quality), else
+    # from the SFT model with a zero-initialized scalar head.
+    value_init = args.reward_model_path if args.reward == "model" else args.sft_model_path
+    value_model = common.load_model(value_init, tokenizer, "score").to(device)
+    for model in (policy, value_model):
+        common.disable_dropout(model)  # N+: dropout would make the PPO ratio noisy
+    params = list(policy.parameters()) + list(value_model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl else None
+    score_moments = RunningMoments()  # PPO-max
+
+    train_rows, test_rows = common.load_data(args.dataset_name, "prompts", tokenizer, args.dataset_config,
+                                             args.dataset_train_split, args.dataset_test_split, args.eval_prompts)
+    if args.ptx_coef:  # PPO-max: the SFT demonstrations for the pretraining loss
+        sft_rows, _ = common.load_data(args.dataset_name, "sft", tokenizer, args.dataset_config,
+                                       args.dataset_train_split, args.dataset_test_split)
+    logger = common.Logger(args.output_dir, args, args.track)
+    rng = random.Random(args.seed)
+    order: list[int] = []
+
+    def run_eval(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
+        metrics, samples = common.evaluate(policy, ref_policy, tokenizer, test_rows, reward_fn, device,
+                                           args.max_new_tokens, args.temperature, greedy=greedy, toy=toy,
+                                           target_length=args.target_length if args.reward == "length" else None)
+        prefix = "eval_greedy/" if greedy else "eval/"
+        logger.log({f"{prefix}{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
+        return metrics, samples
+
+    initial_metrics, initial_samples = run_eval(0)
+    common.print_samples(initial_samples)
+    start = time.time()
+    # PPO-max: critic pretraining: iterations -W..-1 train the value model alone (extra rollouts,
+    # outside total_episodes); the policy iterations 1..num_iterations follow.
+    iterations = [*range(-args.critic_warmup_steps, 0), *range(1, num_iterations + 1)]
+    for iteration in common.progress(iterations, desc="ppo_max"):
+        warmup = iteration < 0  # PPO-max
+        # ---- 1. rollout: sample a response to each prompt of the batch ----
+        t0 = time.time()
+        if len(order) < args.batch_size:
+            order += rng.sample(range(len(train_rows)), len(train_rows))
+        batch, order = [train_rows[i] for i in order[:args.batch_size]], order[args.batch_size:]
+        prompts = [row["prompt"] for row in batch]
+        queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts],
+                                         tokenizer.pad_token_id, side="left")
+        queries, query_mask = queries.to(device), query_mask.to(device)
+        policy.eval()
+        with torch.no_grad(), common.autocast(device):
+            responses, response_mask, ended, gen_logits = common.generate(
+                policy, queries, query_mask, tokenizer, args.max_new_tokens, args.temperature)
+            # The generation's own logits give the old log-probs: no extra policy forward pass.
+            logprobs = common.logprobs_from_logits(gen_logits, responses, args.temperature)
+            del gen_logits
+            if args.omit_long and ended.any():  # train only on rollouts that ended, keeping the batch size
+                ended_rows = ended.nonzero().squeeze(-1)
+                keep = torch.where(ended, torch.arange(len(ended), device=device),
+                                   ended_rows[torch.randint(len(ended_rows), ended.shape, device=device)])
+                queries, query_mask, responses, response_mask, ended, logprobs = (
+                    t[keep] for t in (queries, query_mask, responses, response_mask, ended, logprobs))
+                prompts = [prompts[i] for i in keep.tolist()]
+            t1 = time.time()
+
+            # ---- 2. score, reference log-probs and values of the rollout ----
+            context_len = queries.shape[1]
+            query_response = torch.cat([queries, responses], 1)
+            attention_mask = torch.cat([query_mask, response_mask], 1)
+            ref_logprobs, _ = common.response_logprobs(ref_policy, query_response, attention_mask, context_len,
+                                                       args.temperature)
+            # V(s_t) for the state before response token t is read one position earlier
+            values = common.token_scores(value_model, query_response, attention_mask)[:, context_len - 1:-1]
+            scores = reward_fn(prompts, queries, query_mask, responses, response_mask).float()
+            raw_scores = scores.clone()
+            if args.length_penalty:
+                lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+                scores = scores + args.length_penalty * (1 - lengths / args.target_length)
+            if args.missing_eos_penalty is not None:  # N+ "EOS trick"
+                scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
+            # PPO-max: normalize with the mean/std of all scores so far (this batch included), clip to +-delta
+            score_moments.update(scores)
+            scores = normalize_and_clip_scores(scores, score_moments.mean, score_moments.std, args.reward_clip)
+        response_mask = response_mask.float()
+        logprobs, ref_logprobs = logprobs * response_mask, ref_logprobs * response_mask
+        values = values.float() * response_mask
+        t2 = time.time()
+
+        # ---- 3. per-token rewards with the KL penalty, and GAE advantages ----
+        kl_coef = kl_ctl.value if kl_ctl else args.kl_coef
+        rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, response_mask, shift_mean=False)
+        advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.lam)
+
+        # ---- 4. PPO epochs over shuffled minibatches ----
+        policy.train()
+        value_model.train()
+        stats = []
+        for _ in range(args.num_ppo_epochs):
+            for mb in torch.randperm(args.batch_size, device=device).split(minibatch_size):
+                with common.autocast(device):
+                    new_logprobs, _ = common.response_logprobs(policy, query_response[mb], attention_mask[mb],
+                                                               context_len, args.temperature)
+                    new_values = common.token_scores(value_model, query_response[mb],
+                                                     attention_mask[mb])[:, context_len - 1:-1]
+                # PPO-max: advantages whitened per minibatch, then optionally clipped
+                mb_advantages = normalize_advantages(advantages[mb], response_mask[mb], args.advantage_clip)
+                pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], mb_advantages, response_mask[mb],
+                                                    args.cliprange)
+                vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), values[mb], returns[mb],
+                                                      response_mask[mb], args.cliprange_value)
+                loss = pg_loss + args.vf_coef * vf_loss
+                if warmup:  # PPO-max: critic pretraining: the value loss only, so the policy gets no gradient
+                    loss = args.vf_coef * vf_loss
+                elif args.ptx_coef:  # PPO-max: L = L_ppo + w_ptx * CE(SFT demonstrations)
+                    loss = loss + args.ptx_coef * ptx_loss(policy, rng.sample(sft_rows, minibatch_size), tokenizer, device)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                stats.append({"loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
+                              "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
+                              "policy/approxkl_avg": pg_stats["approxkl"].item(),
+                              "val/ratio": pg_stats["ratio"].item(), "val/clipfrac_avg": vf_clipfrac.item()})
+        if not warmup:  # PPO-max: the learning-rate schedule counts policy iterations only
+            scheduler.step()
+        t3 = time.time()
+
+        # ---- 5. logging ----
+        kl_sum = kl.sum(-1)
+        if kl_ctl and not warmup:  # PPO-max: no policy update, no KL control during critic warmup
+            kl_ctl.update(kl_sum.mean().item(), args.batch_size)
+        lengths = common.response_length(responses, response_mask.long(), tokenizer.eos_token_id).float()
+        metrics = {
+            "episode": iteration * args.batch_size,
+            "objective/kl": kl_sum.mean().item(),
+            "objective/entropy": (-logprobs).sum(-1).mean().item(),
+            "objective/scores": raw_scores.mean().item(),
+            "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
+            **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
+            "val/mean": masked_mean(values, response_mask).item(),
+            "eps": kl_coef if kl_ctl else args.kl_coef,
+            "lr": scheduler.get_last_lr()[0],
+            "response/length": lengths.mean().item(),
+            "response/eos_rate": ended.float().mean().item(),
+            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
+            "tokens_per_second": response_mask.sum().item() / (t1 - t0),
+            "episodes_per_second": args.batch_size / (t3 - t0),
+            # PPO-max: pattern-collapse monitors, and the running score statistics
+            **collapse_monitors(logprobs, ref_logprobs, response_mask, raw_scores),
+            "monitor/score_running_mean": score_moments.mean, "monitor/score_running_std": score_moments.std,
+        }
+        if args.reward == "length":
+            metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
+        if toy:
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            metrics["gold/reward"] = sum(map(common.gold_reward, prompts, texts)) / len(texts)
+            metrics["gold/well_formed"] = sum(map(common.well_formed, prompts, texts)) / len(texts)
+        logger.log(metrics, iteration)
+        if iteration % args.eval_every == 0 and 0 < iteration < num_iterations:  # PPO-max: not during warmup
+            run_eval(iteration)
+
+    # ---- 6. final evaluation (sampled and greedy) and saving ----
+    summary, samples = run_eval(num_iterations)
+    greedy_metrics, _ = run_eval(num_iterations, greedy=True)
+    summary |= common.length_stratified_gain([s["reward"] for s in initial_samples], [s["length"] for s in initial_samples],
+                                             [s["reward"] for s in samples], [s["length"] for s in samples], args.length_bin)
+    summary |= {"greedy": greedy_metrics, "initial": initial_metrics, "train_time": round(time.time() - start, 1)}
+    common.print_samples(samples)
+    print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+    common.save_run(args.output_dir, policy, tokenizer, args, summary)
+    logger.close()
