@@ -519,7 +519,7 @@ class Logger:
     def __init__(self, output_dir: str, args, track: bool = False, project: str = "minrlhf"):
         self.path = Path(output_dir)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path / "metrics.jsonl", "w")
+        self.file = open(self.path / "metrics.jsonl", "w")  # noqa: SIM115 (open for the whole run)
         self.start = time.time()
         self.tb = self.wandb = None
         try:
@@ -541,9 +541,8 @@ class Logger:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in metrics.items()), flush=True)
         for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                if self.tb:
-                    self.tb.add_scalar(k, v, step)
+            if self.tb and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
         if self.wandb:
             self.wandb.log(metrics, step=step)
 

@@ -10,7 +10,6 @@ then take several epochs of clipped policy and value updates on shuffled minibat
     python ppo.py --reward gold                       # the toy world's true reward
 """
 
-import math
 import random
 import time
 from dataclasses import dataclass

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from conftest import run_script
 
 import ppo
-from conftest import run_script
 
 # Three responses of different lengths: the second has no EOS (mask full), the third is one token.
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
