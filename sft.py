@@ -38,9 +38,9 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
-    learning_rate: float = 2e-3
+    learning_rate: float = 3e-3
     """peak learning rate, decayed linearly to 0"""
-    num_epochs: int = 3
+    num_epochs: int = 6
     """passes over the training data"""
     batch_size: int = 64
     """sequences per optimizer step"""
