@@ -258,12 +258,19 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
     _check_exists(name_or_path, hint)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
+    verbosity = transformers.utils.logging.get_verbosity()
     try:
+        config = transformers.AutoConfig.from_pretrained(name_or_path)
+        new_head = kind == "score" and not any("Classification" in a for a in config.architectures or [])
+        if new_head:  # the "score.weight missing" load report is expected here: keep stderr quiet
+            transformers.utils.logging.set_verbosity_error()
         model = cls.from_pretrained(name_or_path, **extra)
     except (OSError, ValueError) as e:
         fail(f"cannot load a model from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if kind == "score" and "Classification" not in model.config.architectures[0]:
+    if new_head:
         torch.nn.init.zeros_(model.score.weight)
         if getattr(model.score, "bias", None) is not None:
             torch.nn.init.zeros_(model.score.bias)
