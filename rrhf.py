@@ -42,8 +42,7 @@ class Args:
     dataset_test_split: str = "test"
     """split whose prompts the final evaluation samples on"""
     rrhf_data: str | None = None
-    """a ready-made RRHF .jsonl file ({query, responses, scores} rows) to train on instead of
-    sampling and scoring; evaluation still uses --dataset_name's test prompts and --reward"""
+    """a ready-made RRHF .jsonl ({query, responses, scores} rows) replacing sampling and scoring"""
     output_dir: str = "runs/rrhf"
     """where the model, args.json, metrics.jsonl and summary.json go"""
     seed: int = 1
@@ -58,10 +57,9 @@ class Args:
     """queries per optimizer step; all their candidates go through one forward pass"""
     num_samples: int = 8
     """k: responses sampled per query from each of the `online` and `initial` sources"""
+    # The default is the paper's main setting; `online` without --kl_coef hacks a learned reward.
     sources: tuple[Literal["online", "initial", "demo"], ...] = ("initial", "demo")
-    """where candidates come from: `online` the model being trained, `initial` the SFT model,
-    `demo` the dataset's own responses (demonstration, or chosen and rejected). The default is the
-    paper's main setting; adding `online` without --kl_coef lets the policy hack a learned reward"""
+    """candidates from `online` (the model trained), `initial` (the SFT model), `demo` (the dataset's responses)"""
     refresh_every: int = 1
     """sample the online candidates for this many steps at once (the paper's OP-k, k = this)"""
     temperature: float = 1.0
@@ -75,8 +73,7 @@ class Args:
     rank_coef: float = 1.0
     """weight of the ranking loss: L = rank_coef * L_rank + L_ft"""
     kl_coef: float = 0.0
-    """beta of a KL penalty on the rewards, r - beta * log(pi / pi_ref): the paper's fix for
-    reward hacking under online sampling (0.01 there); 0 turns it off"""
+    """beta in the ranked reward r - beta * log(pi / pi_ref): the paper's fix for online hacking; 0: off"""
     eval_rows: int = 256
     """held-out prompts for the final evaluation"""
     eval_batch_size: int = 64
