@@ -651,10 +651,21 @@ def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id
 @torch.no_grad()
 def evaluate(policy, ref_policy, tokenizer, rows: list[dict], reward_fn, device, max_new_tokens: int,
              temperature: float = 1.0, batch_size: int = 64, greedy: bool = False,
-             target_length: int | None = None, toy: bool = False) -> tuple[dict, list[dict]]:
+             target_length: int | None = None, toy: bool = False, seed: int = 0) -> tuple[dict, list[dict]]:
     """Evaluate a policy on held-out prompts: mean reward, KL to the reference (sum over response
     tokens of log pi - log pi_ref, on the policy's samples), length, EOS rate, and on the toy world
-    gold reward and well-formed rate. Returns (metrics, samples) with one sample dict per prompt."""
+    gold reward and well-formed rate. Returns (metrics, samples) with one sample dict per prompt.
+
+    Sampling uses its own fixed seed (the training RNG is left untouched), so evaluations of two
+    policies differ by the policies, not by sampling noise."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _evaluate(policy, ref_policy, tokenizer, rows, reward_fn, device, max_new_tokens, temperature,
+                         batch_size, greedy, target_length, toy)
+
+
+def _evaluate(policy, ref_policy, tokenizer, rows, reward_fn, device, max_new_tokens, temperature, batch_size,
+              greedy, target_length, toy) -> tuple[dict, list[dict]]:
     policy.eval()
     samples = []
     for i in range(0, len(rows), batch_size):
