@@ -292,8 +292,7 @@ if __name__ == "__main__":
     toy = args.dataset_name == common.TOY
     target_length = args.target_length if args.reward == "length" else None
     results = []
-    for model in (policy, ref_policy):
-        torch.manual_seed(args.seed)  # the same random numbers for both: a less noisy difference
+    for model in (policy, ref_policy):  # evaluate() fixes its own seed: a less noisy difference
         results.append(common.evaluate(model, ref_policy, tokenizer, test_rows, reward_fn, device, args.max_new_tokens,
                                        args.temperature, args.eval_batch_size, target_length=target_length, toy=toy))
     (summary, samples), (initial, initial_samples) = results
