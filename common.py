@@ -29,6 +29,7 @@ if not sys.stderr.isatty():  # as `progress`: no progress bars in logs, so one-l
     datasets.disable_progress_bars()
 
 TOY = "toy"
+_START = time.time()  # the script's wall time, reported in summary.json
 
 # ---------------------------------------------------------------------------------------------
 # The toy world: a word-level grammar of movie reviews with a known gold reward.
@@ -584,7 +585,8 @@ def save_run(output_dir: str, model, tokenizer, args, summary: dict | None = Non
     tmp.rmdir()
     write_json(out / "args.json", asdict(args))
     if summary is not None:
-        write_json(out / "summary.json", summary | {"peak_memory_mb": round(peak_memory_mb(), 1)})
+        write_json(out / "summary.json", summary | {"peak_memory_mb": round(peak_memory_mb(), 1),
+                                                    "wall_time": round(time.time() - _START, 1)})
 
 
 def peak_memory_mb() -> float:

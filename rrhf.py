@@ -300,7 +300,7 @@ if __name__ == "__main__":
         [s["reward"] for s in initial_samples], [s["length"] for s in initial_samples],
         [s["reward"] for s in samples], [s["length"] for s in samples])
     summary |= {"num_models": num_models, "train_time": round(train_time, 1),
-                "wall_time": round(time.time() - start, 1), "initial": initial,
+                "initial": initial,
                 **{f"time/{stage}": round(s, 1) for stage, s in stage_time.items()}}
     common.print_samples(samples)
     print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float | int)))
