@@ -4,7 +4,7 @@ Runs live in folders named `<name>_s<seed>` (each with metrics.jsonl and summary
 the same name are seeds of one configuration, shown as mean ± spread (max - min) / 2 in tables
 and as min-max bands in plots.
 
-    python benchmark/report.py table runs/bench/pipeline            # markdown, from summary.json
+    python benchmark/report.py table runs/bench/pipeline --initial ppo  # markdown, from summary.json
     python benchmark/report.py curves runs/bench/overopt --out benchmark/figures/overopt.png
     python benchmark/report.py points runs/bench/overopt --at 20 50 100   # metrics at iterations
 
@@ -27,9 +27,9 @@ CURVE_KEYS = ("gold/reward", "objective/scores", "objective/kl", "response/lengt
 
 @dataclass
 class Args:
-    command: Literal["table", "curves", "points"]
+    command: tyro.conf.Positional[Literal["table", "curves", "points"]]
     """table: final summary.json values; curves: PNG learning curves; points: training metrics at iterations"""
-    runs: Path
+    runs: tyro.conf.Positional[Path]
     """folder holding the `<name>_s<seed>` run folders"""
     keys: tuple[str, ...] = ()
     """metrics to show (default: a standard set per command)"""
@@ -39,6 +39,10 @@ class Args:
     """PNG file written by `curves`"""
     smooth: int = 5
     """moving-average window (iterations) for `curves`"""
+    only: tuple[str, ...] = ()
+    """show only these run groups (names without the `_s<seed>` suffix)"""
+    initial: str | None = None
+    """`table`: add a row for the policy before training, read from this run group's `initial` metrics"""
 
 
 def group_runs(root: Path) -> dict[str, list[Path]]:
@@ -62,12 +66,14 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def table(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
+def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | None = None) -> str:
     rows = [f"| run | seeds | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
-    for name, runs in groups.items():
-        summaries = [json.loads((r / "summary.json").read_text()) for r in runs if (r / "summary.json").exists()]
-        cells = [mean_spread([s.get(k) for s in summaries]) for k in keys]
-        rows.append(f"| {name} | {len(summaries)} | {' | '.join(cells)} |")
+    summaries = {name: [json.loads((r / "summary.json").read_text()) for r in runs if (r / "summary.json").exists()]
+                 for name, runs in groups.items()}
+    if initial:
+        summaries = {f"before RL ({initial}'s initial policy)": [s["initial"] for s in summaries[initial]]} | summaries
+    for name, found in summaries.items():
+        rows.append(f"| {name} | {len(found)} | {' | '.join(mean_spread([s.get(k) for s in found]) for k in keys)} |")
     return "\n".join(rows)
 
 
@@ -119,9 +125,9 @@ if __name__ == "__main__":
     if not args.runs.is_dir():
         print(f"error: {args.runs} is not a folder of runs: run a benchmark/*.sh script first", file=sys.stderr)
         sys.exit(2)
-    groups = group_runs(args.runs)
+    groups = {k: v for k, v in group_runs(args.runs).items() if not args.only or k in args.only}
     if args.command == "table":
-        print(table(groups, args.keys or TABLE_KEYS))
+        print(table(groups, args.keys or TABLE_KEYS, args.initial))
     elif args.command == "points":
         print(points(groups, args.keys or CURVE_KEYS, args.at))
     else:

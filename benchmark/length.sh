@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# Length correlations in RLHF on the toy world ("A Long Way to Go", Singhal et al. 2023).
+# Results and their reading: benchmark/length.md.
+#
+# 1. Three reward models from the same SFT model: the default, --length_balance and
+#    --random_augment 0.25. Their length correlation is read from summary.json (held-out preference
+#    pairs) and, below, on samples of the SFT policy.
+# 2. PPO with the same budget (50 iterations of 64 responses) and seeds: on the default reward model;
+#    with each RL-side intervention (length penalty, omitting long outputs, a higher KL coefficient);
+#    on the length-balanced and on the augmented reward model; and length-only PPO (LPPO) with a long
+#    target.
+# 3. Every final policy, and the SFT policy, is sampled again on all 256 held-out prompts x $SAMPLES
+#    with one fixed seed and scored by the SAME reward model (rm_default), the gold reward, length and
+#    KL to the SFT model, so that all rows are comparable (the runs on rm_balance/rm_augment and LPPO
+#    trained on another reward, whose value their own summary.json reports). The length-stratified
+#    gain (Singhal et al.'s NRG) is computed on rm_default's reward against the SFT samples.
+#
+#   bash benchmark/length.sh                     # needs $SFT (default runs/sft); ~40 min on 2 busy cores
+#   SEEDS="1" JOBS=1 bash benchmark/length.sh    # smaller
+#
+# Runs go to $OUT/<name>_s<seed> (stdout in $OUT/<name>_s<seed>.log); a finished run (one with
+# summary.json) is skipped, so the script resumes where it stopped. Tables: $OUT/table.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+SFT=${SFT:-runs/sft}
+OUT=${OUT:-runs/bench/length}
+SEEDS=${SEEDS:-1 2}
+JOBS=${JOBS:-2}          # runs at once
+TARGET=${TARGET:-17}     # N of the length penalty: the SFT policy's mean length (16.99 tokens on 256 prompts)
+LONG=${LONG:-40}         # LPPO's target: a long one, more than twice the SFT length
+SAMPLES=${SAMPLES:-2}    # samples per held-out prompt in the final scoring
+# The PPO budget, equal for every run.
+BUDGET=(--sft_model_path "$SFT" --total_episodes 3200 --batch_size 64 --eval_every 10 --eval_prompts 128)
+
+run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
+    local name=$1; shift
+    [ -f "$OUT/$name/summary.json" ] && return 0
+    echo "$(date +%T) start $name: python $*"
+    /usr/bin/time -f "$name: %e s wall, %U s user, %S s sys" -a -o "$OUT/time.log" \
+        python "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+        || { echo "$name failed: see $OUT/$name.log"; return 1; }
+    echo "$(date +%T) done $name"
+}
+
+launch() {  # run in the background, at most $JOBS at once
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+    run "$@" &
+}
+
+finish() {  # wait for the background runs; fail if one failed
+    local failed=0
+    for pid in $(jobs -rp); do wait "$pid" || failed=1; done
+    wait || failed=1
+    return $failed
+}
+
+mkdir -p "$OUT"
+[ -d "$SFT" ] || { echo "$SFT not found: run \`python sft.py\` first or set SFT=..."; exit 2; }
+
+# ---- 1. reward models ----
+launch rm_default reward_model.py --model_name_or_path "$SFT"
+launch rm_balance reward_model.py --model_name_or_path "$SFT" --length_balance
+launch rm_augment reward_model.py --model_name_or_path "$SFT" --random_augment 0.25
+finish
+for rm in rm_default rm_balance rm_augment; do [ -f "$OUT/$rm/summary.json" ] || { echo "$rm missing"; exit 1; }; done
+
+# ---- 2. PPO ----
+RM=(--reward_model_path "$OUT/rm_default")
+for seed in $SEEDS; do
+    S=(--seed "$seed")
+    launch "ppo_s$seed"           ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}"
+    launch "ppo_lenpen_s$seed"    ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --length_penalty 0.5 --target_length "$TARGET"
+    launch "ppo_omitlong_s$seed"  ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --omit_long
+    launch "ppo_kl0.12_s$seed"    ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --kl_coef 0.12
+    launch "ppo_rmbalance_s$seed" ppo.py "${BUDGET[@]}" --reward_model_path "$OUT/rm_balance" "${S[@]}"
+    launch "ppo_rmaugment_s$seed" ppo.py "${BUDGET[@]}" --reward_model_path "$OUT/rm_augment" "${S[@]}"
+    launch "lppo${LONG}_s$seed"   ppo.py "${BUDGET[@]}" "${S[@]}" --reward length --target_length "$LONG"
+done
+finish
+for seed in $SEEDS; do
+    for name in ppo ppo_lenpen ppo_omitlong ppo_kl0.12 ppo_rmbalance ppo_rmaugment "lppo$LONG"; do
+        [ -f "$OUT/${name}_s$seed/summary.json" ] || { echo "${name}_s$seed missing: see $OUT/${name}_s$seed.log"; exit 1; }
+    done
+done
+
+# ---- 3. score every policy with the same reward models, and the tables ----
+python - "$OUT" "$SFT" "$SAMPLES" <<'EOF' | tee "$OUT/table.md"
+import json, re, sys
+from pathlib import Path
+
+import torch
+
+import common
+
+out, sft, samples_per_prompt = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+RMS = ("rm_default", "rm_balance", "rm_augment")
+device = torch.device("cpu")
+tokenizer = common.load_tokenizer(sft)
+ref = common.load_model(sft, tokenizer).to(device).eval()
+_, test = common.load_data(common.TOY, "prompts", tokenizer, test_rows=256)
+rows = test * samples_per_prompt
+reward_fns = {rm: common.make_reward_fn("model", tokenizer, device, str(out / rm)) for rm in RMS}
+
+
+def sample(path: str) -> list[dict]:
+    """Samples of a policy on the held-out prompts, each scored by every reward model (cached)."""
+    cache = out / (Path(path).name + ".samples.json" if path == sft else Path(path).name + "/samples.json")
+    if cache.exists():
+        return json.loads(cache.read_text())
+    policy = common.load_model(path, tokenizer).to(device).eval()
+    extra = []
+
+    def reward_fn(*batch):
+        extra.append({rm: fn(*batch).tolist() for rm, fn in reward_fns.items()})
+        return torch.tensor(extra[-1]["rm_default"])
+
+    common.seed_everything(1234)
+    _, samples = common.evaluate(policy, ref, tokenizer, rows, reward_fn, device, 48, toy=True)
+    scores = {rm: [x for e in extra for x in e[rm]] for rm in RMS}
+    for i, s in enumerate(samples):
+        s.update({rm: scores[rm][i] for rm in RMS})
+    cache.write_text(json.dumps(samples))
+    return samples
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def pearson(xs, ys):
+    return torch.corrcoef(torch.tensor([xs, ys], dtype=torch.float64))[0, 1].item()
+
+
+def fmt(values, digits=2):
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    m = mean(values)
+    return f"{m:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+base = sample(sft)
+b_rew, b_len = [s["rm_default"] for s in base], [s["length"] for s in base]
+
+# ---- reward models ----
+print(f"## Reward models (held-out preference pairs; correlation also on {len(base)} SFT samples)\n")
+print("| reward model | accuracy | gold_accuracy | label_ceiling | length_corr (pairs) | length_corr (SFT samples) |"
+      " accuracy where len(chosen) - len(rejected) <= -6 | accuracy where it is >= 5 |")
+print("|---|---|---|---|---|---|---|---|")
+for rm in RMS:
+    s = json.loads((out / rm / "summary.json").read_text())
+    by = s["accuracy_by_length_diff"]
+
+    def acc(pred):
+        bins = [(b["n"], b["accuracy"]) for k, b in by.items() if pred(int(re.match(r"-?\d+", k).group()))]
+        n = sum(n for n, _ in bins)
+        return f"{sum(n * a for n, a in bins) / n:.3f} (n={n})" if n else "-"
+
+    print(f"| {rm} | {s['accuracy']:.3f} | {s['gold_accuracy']:.3f} | {s['label_ceiling']:.3f} | "
+          f"{s['length_corr']:.3f} | {pearson([x[rm] for x in base], b_len):.3f} | "
+          f"{acc(lambda lo: lo + 4 <= -5)} | {acc(lambda lo: lo >= 5)} |")
+
+# ---- policies ----
+runs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "summary.json").exists() and re.search(r"_s\d+$", p.name))
+groups: dict[str, list[dict]] = {}
+for run in runs:
+    samples = sample(str(run))
+    rew, lens = [s["rm_default"] for s in samples], [s["length"] for s in samples]
+    row = {"rm": mean(rew), "gold": mean([s["gold"] for s in samples]), "length": mean(lens),
+           "kl": mean([s["kl"] for s in samples]), "well_formed": mean([s["well_formed"] for s in samples]),
+           "eos": mean([float(s["eos"]) for s in samples]),
+           "rm_balance": mean([s["rm_balance"] for s in samples]),
+           "rm_augment": mean([s["rm_augment"] for s in samples])}
+    for width in (5, 2):
+        g = common.length_stratified_gain(b_rew, b_len, rew, lens, width)
+        row |= {f"gain": g["reward_gain"], f"strat{width}": g["length_stratified_gain"], f"share{width}": g["length_share"]}
+    summary = json.loads((run / "summary.json").read_text())
+    row |= {"own_" + k: summary[k] for k in ("reward", "reward_gain", "length_share")}
+    row["own_reward0"] = summary["initial"]["reward"]
+    groups.setdefault(re.sub(r"_s\d+$", "", run.name), []).append(row)
+
+sft_row = {"rm": mean(b_rew), "gold": mean([s["gold"] for s in base]), "length": mean(b_len),
+           "well_formed": mean([s["well_formed"] for s in base]), "eos": mean([float(s["eos"]) for s in base]),
+           "rm_balance": mean([s["rm_balance"] for s in base]), "rm_augment": mean([s["rm_augment"] for s in base])}
+print(f"\n## Policies: {len(base)} samples each (256 held-out prompts x {samples_per_prompt}), scored by rm_default; "
+      "mean ± half-range over seeds\n")
+print("| policy | seeds | rm_default reward | gold | length | KL to SFT | well-formed | EOS rate | reward gain |"
+      " stratified gain (5-token bins) | length share (5) | length share (2-token bins) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print(f"| SFT | - | {sft_row['rm']:.2f} | {sft_row['gold']:.2f} | {sft_row['length']:.1f} | 0 | "
+      f"{sft_row['well_formed']:.3f} | {sft_row['eos']:.2f} | - | - | - | - |")
+for name, rs in groups.items():
+    c = lambda k, d=2: fmt([r[k] for r in rs], d)  # noqa: E731
+    print(f"| {name} | {len(rs)} | {c('rm')} | {c('gold')} | {c('length', 1)} | {c('kl', 1)} | {c('well_formed', 3)} | "
+          f"{c('eos')} | {c('gain')} | {c('strat5')} | {c('share5')} | {c('share2')} |")
+
+print("\n## The same policies under the other reward models, and ppo.py's own summary (128 samples, its training reward)\n")
+print(f"| policy | rm_balance reward (SFT {sft_row['rm_balance']:.2f}) | rm_augment reward (SFT {sft_row['rm_augment']:.2f}) |"
+      " own reward: initial -> final | own reward_gain | own length_share |")
+print("|---|---|---|---|---|---|")
+for name, rs in groups.items():
+    c = lambda k, d=2: fmt([r[k] for r in rs], d)  # noqa: E731
+    print(f"| {name} | {c('rm_balance')} | {c('rm_augment')} | {c('own_reward0')} -> {c('own_reward')} | "
+          f"{c('own_reward_gain')} | {c('own_length_share')} |")
+EOF
+echo "CPU time of the runs (this invocation):"; times

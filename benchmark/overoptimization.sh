@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Reward over-optimization on the toy world: PPO with no KL penalty, PPO with a KL coefficient tuned
+# by a short sweep, and RCfD with no KL, 3 seeds each, with the same SFT model, reward model and
+# budget. Runs go to $OUT/<name>_s<seed>, the table to $OUT/table.md (results: benchmark/overoptimization.md).
+#
+#   bash benchmark/overoptimization.sh                       # needs runs/sft and runs/reward_model
+#   RM=runs/bench/reward_model SEEDS="1 2 3" bash benchmark/overoptimization.sh
+#
+# A finished run (one with summary.json) is skipped, so the script resumes where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+RM=${RM:-runs/reward_model}
+OUT=${OUT:-runs/bench/overopt}
+SEEDS=${SEEDS:-1 2 3}
+SWEEP=${SWEEP:-0.02 0.1 0.5}
+# The budget, equal for every method: 24 iterations of 64 responses, held-out evaluation every 4.
+BUDGET=(--reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_prompts 128
+        --learning_rate 3e-4)
+
+run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME, its stdout in $OUT/NAME.log
+    local name=$1; shift
+    [ -f "$OUT/$name/summary.json" ] && return
+    echo "$(date +%T) $name: python $* ${BUDGET[*]}"
+    python "$@" "${BUDGET[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1
+}
+
+mkdir -p "$OUT/sweep"
+# 1. Tune PPO's KL coefficient: one run per value on seed 1, judged by the final gold reward (an
+#    oracle that a real sweep does not have: the best case for the baseline). The chosen run is
+#    reused as the tuned baseline's seed 1.
+for kl in $SWEEP; do
+    run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1
+done
+TUNED_KL=${TUNED_KL:-$(python benchmark/overoptimization.py pick "$OUT/sweep")}
+echo "tuned kl_coef: $TUNED_KL"
+[ -e "$OUT/ppo_kl${TUNED_KL}_s1" ] || cp -r "$OUT/sweep/ppo_kl${TUNED_KL}_s1" "$OUT/ppo_kl${TUNED_KL}_s1"
+
+# 2. The comparison.
+for seed in $SEEDS; do
+    run "ppo_nokl_s$seed" ppo.py --kl_coef 0 --seed "$seed"
+    run "ppo_kl${TUNED_KL}_s$seed" ppo.py --kl_coef "$TUNED_KL" --seed "$seed"
+    run "rcfd_s$seed" rcfd.py --seed "$seed"
+done
+
+# 3. Final alignment of every policy with the same reward model, then the table.
+python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"
+python benchmark/overoptimization.py table "$OUT" | tee "$OUT/table.md"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's results table: every algorithm with its default settings on the toy world, 3 seeds.
+# Each seed trains its own SFT model and reward model, then PPO, PPO-max, RRHF, RCfD and length-only
+# PPO (--reward length --target_length 30) from them. Runs go to $OUT/<algo>_s<seed>; a run whose
+# summary.json exists is skipped, so the script resumes where it stopped.
+#
+#     bash benchmark/pipeline.sh
+#     python benchmark/report.py table runs/bench/pipeline --initial ppo
+#     python benchmark/report.py curves runs/bench/pipeline --out benchmark/figures/pipeline.png
+#
+# Seeds run in parallel, one thread each ($JOBS at a time, default 2 for 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/bench/pipeline}
+SEEDS=${SEEDS:-1 2 3}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+
+run() {  # run NAME SCRIPT ARGS...: one run into $OUT/NAME, its output in $OUT/NAME.log
+    local name=$1 script=$2; shift 2
+    [ -f "$OUT/$name/summary.json" ] && return
+    echo "$(date +%T) start $name"
+    python "$script" "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+        || { echo "$name failed: see $OUT/$name.log"; return 1; }
+    echo "$(date +%T) done $name"
+}
+
+seed_pipeline() {
+    local s=$1
+    run "sft_s$s" sft.py --seed "$s"
+    run "reward_model_s$s" reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
+    local models=(--seed "$s" --sft_model_path "$OUT/sft_s$s" --reward_model_path "$OUT/reward_model_s$s")
+    run "ppo_s$s" ppo.py "${models[@]}"
+    run "ppo_max_s$s" ppo_max.py "${models[@]}"
+    run "rrhf_s$s" rrhf.py "${models[@]}"
+    run "rcfd_s$s" rcfd.py "${models[@]}"
+    run "length_ppo_s$s" ppo.py "${models[@]}" --reward length --target_length 30
+}
+
+for s in $SEEDS; do
+    seed_pipeline "$s" &
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+done
+wait
+python benchmark/report.py table "$OUT" --initial ppo | tee "$OUT/table.md"
