@@ -1,23 +1,38 @@
 #!/usr/bin/env bash
 # Does PPO-max train stably where vanilla PPO collapses? (Zheng et al. 2023's claim, on the toy world.)
 # The same setting and policy budget for ppo.py and ppo_max.py, 3 seeds each: no KL penalty
-# (--kl_coef 0), under which ppo.py over-optimizes the learned reward model. PPO-max additionally
-# spends its --critic_warmup_steps (10) iterations of rollouts on the critic before the 40 policy
-# iterations. About 40 minutes on 2 busy CPU cores.
+# (--kl_coef 0), under which ppo.py over-optimizes the learned reward model, 40 policy iterations of
+# 64 rollouts. PPO-max additionally spends its --critic_warmup_steps (10) iterations of rollouts on
+# the critic before its 40 policy iterations. Then two follow-ups (runs/bench/stability_extra):
+# PPO-max with the pretraining loss (--ptx_coef 0.5, 3 seeds), and ppo.py with PPO-max's optimizer
+# budget (one pass over the rollouts in 4 minibatches, seed 1), to separate "fewer updates" from the
+# rest of PPO-max. About 55 minutes on 2 busy CPU cores.
 #
-#     bash benchmark/stability.sh && python benchmark/stability_table.py runs/bench/stability
+#     bash benchmark/stability.sh
+#     python benchmark/stability_table.py runs/bench/stability
+#     python benchmark/stability_table.py runs/bench/stability_extra
 #
 # Needs runs/sft and the reward model at $RM (default runs/bench/reward_model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RM=${RM:-runs/bench/reward_model}
-OUT=${OUT:-runs/bench/stability}
+OUT=${OUT:-runs/bench}
 SETTING=(--reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_prompts 64 --eval_every 10)
+
+run() {  # run SCRIPT RUN_DIR [extra flags...]
+  local script=$1 dir=$2
+  shift 2
+  mkdir -p "$dir"
+  OMP_NUM_THREADS=1 python "$script" "${SETTING[@]}" --output_dir "$dir" "$@" > "$dir/train.log" 2>&1 \
+    || { echo "failed: see $dir/train.log"; exit 1; }
+  echo "done $dir"
+}
+
 for seed in 1 2 3; do
-  for algo in ppo ppo_max; do
-    mkdir -p "$OUT/${algo}_s$seed"
-    OMP_NUM_THREADS=1 python "$algo.py" "${SETTING[@]}" --seed "$seed" --output_dir "$OUT/${algo}_s$seed" \
-      > "$OUT/${algo}_s$seed/train.log" 2>&1 || { echo "$algo seed $seed failed: see $OUT/${algo}_s$seed/train.log"; exit 1; }
-    echo "done $algo seed $seed"
-  done
+  run ppo.py "$OUT/stability/ppo_s$seed" --seed "$seed"
+  run ppo_max.py "$OUT/stability/ppo_max_s$seed" --seed "$seed"
 done
+for seed in 1 2 3; do
+  run ppo_max.py "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" --seed "$seed" --ptx_coef 0.5
+done
+run ppo.py "$OUT/stability_extra/ppo_1pass_s1" --seed 1 --num_ppo_epochs 1 --num_mini_batches 4
