@@ -18,7 +18,6 @@ clipping 1.0, GAE with gamma 1 and lambda 0.95, no entropy bonus (the paper does
     python ppo_max.py --reward gold                   # the toy world's true reward
 """
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -217,7 +216,7 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.var)
+        return self.var ** 0.5
 
 
 def normalize_and_clip_scores(scores: torch.Tensor, mean: float, std: float, clip: float) -> torch.Tensor:
@@ -244,8 +243,8 @@ def collapse_monitors(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, respon
     logprobs, ref_logprobs, response_mask (B, R); scores (B,) raw scores -> dict of floats."""
     n_tokens = response_mask.sum().clamp(min=1)
     p10, p50, p90 = torch.quantile(scores.float(), scores.new_tensor([0.1, 0.5, 0.9]).float()).tolist()
-    return {"monitor/perplexity": math.exp(-(logprobs * response_mask).sum().item() / n_tokens.item()),
-            "monitor/ref_perplexity": math.exp(-(ref_logprobs * response_mask).sum().item() / n_tokens.item()),
+    return {"monitor/perplexity": torch.exp(-(logprobs * response_mask).sum() / n_tokens).item(),
+            "monitor/ref_perplexity": torch.exp(-(ref_logprobs * response_mask).sum() / n_tokens).item(),
             "monitor/score_std": scores.float().std(unbiased=False).item(),
             "monitor/score_tail": p90 - p50,  # upper tail: 90th percentile minus the median
             "monitor/score_low_tail": p50 - p10}
@@ -428,13 +427,13 @@ if __name__ == "__main__":
             "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "val/mean": masked_mean(values, response_mask).item(),
-            "eps": kl_coef if kl_ctl else args.kl_coef,
+            "kl_coef": kl_coef,
             "lr": scheduler.get_last_lr()[0],
             "response/length": lengths.mean().item(),
             "response/eos_rate": ended.float().mean().item(),
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
-            "episodes_per_second": args.batch_size / (t3 - t0),
+            "eps": args.batch_size / (t3 - t0),  # episodes per second (TRL's name)
             # PPO-max: pattern-collapse monitors, and the running score statistics
             **collapse_monitors(logprobs, ref_logprobs, response_mask, raw_scores),
             "monitor/score_running_mean": score_moments.mean, "monitor/score_running_std": score_moments.std,
