@@ -278,6 +278,9 @@ if __name__ == "__main__":
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     num_iterations = args.total_episodes // args.batch_size
+    if num_iterations < 1 or args.batch_size % args.num_mini_batches:
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, "
+                    f"which must be divisible by --num_mini_batches {args.num_mini_batches}")
     minibatch_size = args.batch_size // args.num_mini_batches
     toy = args.dataset_name == common.TOY
 
