@@ -13,9 +13,7 @@ metric, so for PPO it is known only at the end of training.
 """
 
 import json
-import re
 import sys
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +22,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from report import group_runs, mean_spread  # benchmark/report.py
+
 import common
 import rcfd
 
@@ -49,25 +49,10 @@ class Args:
     """`table`: iterations to show (default: every evaluated one)"""
 
 
-def group_runs(root: Path) -> dict[str, list[Path]]:
-    groups = defaultdict(list)
-    for run in sorted(p for p in root.iterdir() if p.is_dir() and re.search(r"_s\d+$", p.name)):
-        groups[re.sub(r"_s\d+$", "", run.name)].append(run)
-    return dict(groups)
-
-
 def eval_lines(run: Path) -> dict[int, dict]:
     """The sampled-evaluation lines of metrics.jsonl by iteration (the final one included)."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {m["step"]: m for m in lines if "eval/reward" in m}
-
-
-def mean_spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = sum(values) / len(values)
-    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
 def pick(root: Path, min_well_formed: float) -> None:

@@ -47,7 +47,7 @@ class Args:
 
 def group_runs(root: Path) -> dict[str, list[Path]]:
     groups = defaultdict(list)
-    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and re.search(r"_s\d+$", p.name)):
         groups[re.sub(r"_s\d+$", "", run.name)].append(run)
     return dict(groups)
 
