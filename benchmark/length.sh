@@ -15,7 +15,7 @@
 #    trained on another reward, whose value their own summary.json reports). The length-stratified
 #    gain (Singhal et al.'s NRG) is computed on rm_default's reward against the SFT samples.
 #
-#   bash benchmark/length.sh                     # needs $SFT (default runs/sft); ~40 min on 2 busy cores
+#   bash benchmark/length.sh                     # needs $SFT (default runs/sft); 72 min on 2 shared, busy cores
 #   SEEDS="1" JOBS=1 bash benchmark/length.sh    # smaller
 #
 # Runs go to $OUT/<name>_s<seed> (stdout in $OUT/<name>_s<seed>.log); a finished run (one with
@@ -37,8 +37,9 @@ run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
     local name=$1; shift
     [ -f "$OUT/$name/summary.json" ] && return 0
     echo "$(date +%T) start $name: python $*"
-    /usr/bin/time -f "$name: %e s wall, %U s user, %S s sys" -a -o "$OUT/time.log" \
-        python "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    local timer=()  # per-run wall and CPU time in $OUT/time.log, where GNU time is installed
+    [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "$name: %e s wall, %U s user, %S s sys" -a -o "$OUT/time.log")
+    "${timer[@]}" python "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
         || { echo "$name failed: see $OUT/$name.log"; return 1; }
     echo "$(date +%T) done $name"
 }
@@ -86,7 +87,7 @@ done
 
 # ---- 3. score every policy with the same reward models, and the tables ----
 python - "$OUT" "$SFT" "$SAMPLES" <<'EOF' | tee "$OUT/table.md"
-import json, re, sys
+import json, random, re, sys
 from pathlib import Path
 
 import torch
@@ -132,6 +133,37 @@ def pearson(xs, ys):
     return torch.corrcoef(torch.tensor([xs, ys], dtype=torch.float64))[0, 1].item()
 
 
+def policy_weighted_share(b_rew, b_len, rew, lens, width=5):
+    """1 - stratified/total gain, with the per-bin gains weighted by the trained policy's own counts
+    (common.length_stratified_gain weights by SFT + policy counts, which lets a bin holding 1-2 policy
+    samples but hundreds of SFT ones weigh as much as the policy's main bins)."""
+    bins: dict[int, tuple[list, list]] = {}
+    for group, (rs, ls) in enumerate(((b_rew, b_len), (rew, lens))):
+        for r, n in zip(rs, ls):
+            bins.setdefault(n // width, ([], []))[group].append(r)
+    shared = [(b, p) for b, p in bins.values() if b and p]
+    stratified = sum(len(p) * (mean(p) - mean(b)) for b, p in shared) / sum(len(p) for _, p in shared)
+    return 1 - stratified / (mean(rew) - mean(b_rew))
+
+
+def bootstrap_share(b_rew, b_len, runs, n=300):
+    """5th-95th percentile of the seed-mean of common.length_stratified_gain's length share (5-token
+    bins) when the SFT samples and each seed's policy samples are resampled with replacement."""
+    rng = random.Random(0)
+    draw = lambda xs: [rng.randrange(len(xs)) for _ in xs]  # noqa: E731
+    shares = []
+    for _ in range(n):
+        i = draw(b_rew)
+        per_seed = []
+        for rew, lens in runs:
+            j = draw(rew)
+            per_seed.append(common.length_stratified_gain([b_rew[k] for k in i], [b_len[k] for k in i],
+                                                          [rew[k] for k in j], [lens[k] for k in j], 5)["length_share"])
+        shares.append(mean(per_seed))
+    shares.sort()
+    return f"{shares[int(0.05 * n)]:.2f} .. {shares[int(0.95 * n)]:.2f}"
+
+
 def fmt(values, digits=2):
     values = [v for v in values if v == v]
     if not values:
@@ -160,6 +192,12 @@ for rm in RMS:
     print(f"| {rm} | {s['accuracy']:.3f} | {s['gold_accuracy']:.3f} | {s['label_ceiling']:.3f} | "
           f"{s['length_corr']:.3f} | {pearson([x[rm] for x in base], b_len):.3f} | "
           f"{acc(lambda lo: lo + 4 <= -5)} | {acc(lambda lo: lo >= 5)} |")
+# the gold reward itself, for reference: how much does true quality track length?
+pairs = common.load_data(common.TOY, "preference", tokenizer, test_rows=256)[1]
+gold_pairs = [common.gold_reward(r["prompt"], r[k]) for k in ("chosen", "rejected") for r in pairs]
+len_pairs = [len(common.encode_completion(tokenizer, r[k])) - 1 for k in ("chosen", "rejected") for r in pairs]
+print(f"| gold reward (reference) | {s['label_ceiling']:.3f} | 1 | - | {pearson(gold_pairs, len_pairs):.3f} | "
+      f"{pearson([x['gold'] for x in base], b_len):.3f} | - | - |")
 
 # ---- policies ----
 runs = sorted(p for p in out.iterdir() if p.is_dir() and (p / "summary.json").exists() and re.search(r"_s\d+$", p.name))
@@ -172,28 +210,36 @@ for run in runs:
            "eos": mean([float(s["eos"]) for s in samples]),
            "rm_balance": mean([s["rm_balance"] for s in samples]),
            "rm_augment": mean([s["rm_augment"] for s in samples])}
+    base_bins = {n // 5 for n in b_len}
+    row["matched"] = mean([n // 5 in base_bins for n in lens])  # share of samples in bins the SFT samples also fill
     for width in (5, 2):
         g = common.length_stratified_gain(b_rew, b_len, rew, lens, width)
         row |= {f"gain": g["reward_gain"], f"strat{width}": g["length_stratified_gain"], f"share{width}": g["length_share"]}
+    row["share5_policy"] = policy_weighted_share(b_rew, b_len, rew, lens)
+    row["samples"] = (rew, lens)
     summary = json.loads((run / "summary.json").read_text())
     row |= {"own_" + k: summary[k] for k in ("reward", "reward_gain", "length_share")}
     row["own_reward0"] = summary["initial"]["reward"]
     groups.setdefault(re.sub(r"_s\d+$", "", run.name), []).append(row)
 
+ORDER = ["ppo", "ppo_lenpen", "ppo_omitlong", "ppo_kl0.12", "ppo_rmbalance", "ppo_rmaugment"]
+groups = dict(sorted(groups.items(), key=lambda kv: (ORDER + [kv[0]]).index(kv[0])))
 sft_row = {"rm": mean(b_rew), "gold": mean([s["gold"] for s in base]), "length": mean(b_len),
            "well_formed": mean([s["well_formed"] for s in base]), "eos": mean([float(s["eos"]) for s in base]),
            "rm_balance": mean([s["rm_balance"] for s in base]), "rm_augment": mean([s["rm_augment"] for s in base])}
 print(f"\n## Policies: {len(base)} samples each (256 held-out prompts x {samples_per_prompt}), scored by rm_default; "
       "mean ± half-range over seeds\n")
 print("| policy | seeds | rm_default reward | gold | length | KL to SFT | well-formed | EOS rate | reward gain |"
-      " stratified gain (5-token bins) | length share (5) | length share (2-token bins) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+      " stratified gain (5-token bins) | length share (5) | its 90% bootstrap interval | length share (2-token bins) |"
+      " length share (5, policy-weighted) | samples in shared bins (5) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 print(f"| SFT | - | {sft_row['rm']:.2f} | {sft_row['gold']:.2f} | {sft_row['length']:.1f} | 0 | "
-      f"{sft_row['well_formed']:.3f} | {sft_row['eos']:.2f} | - | - | - | - |")
+      f"{sft_row['well_formed']:.3f} | {sft_row['eos']:.2f} | - | - | - | - | - | - | - |")
 for name, rs in groups.items():
     c = lambda k, d=2: fmt([r[k] for r in rs], d)  # noqa: E731
+    interval = bootstrap_share(b_rew, b_len, [r["samples"] for r in rs])
     print(f"| {name} | {len(rs)} | {c('rm')} | {c('gold')} | {c('length', 1)} | {c('kl', 1)} | {c('well_formed', 3)} | "
-          f"{c('eos')} | {c('gain')} | {c('strat5')} | {c('share5')} | {c('share2')} |")
+          f"{c('eos')} | {c('gain')} | {c('strat5')} | {c('share5')} | {interval} | {c('share2')} | {c('share5_policy')} | {c('matched')} |")
 
 print("\n## The same policies under the other reward models, and ppo.py's own summary (128 samples, its training reward)\n")
 print(f"| policy | rm_balance reward (SFT {sft_row['rm_balance']:.2f}) | rm_augment reward (SFT {sft_row['rm_augment']:.2f}) |"
