@@ -85,7 +85,7 @@ class Args:
     length_penalty: float = 0.0
     """sigma: add sigma * (1 - len/N) to the score, N = --target_length (Singhal et al. 2023)"""
     omit_long: bool = False
-    """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.)"""
+    """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.); silences --missing_eos_penalty"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only) before GAE"""
     max_grad_norm: float = 1.0
