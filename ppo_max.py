@@ -363,8 +363,8 @@ if __name__ == "__main__":
             values = common.token_scores(value_model, query_response, attention_mask)[:, context_len - 1:-1]
             scores = reward_fn(prompts, queries, query_mask, responses, response_mask).float()
             raw_scores = scores.clone()
+            lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
             if args.length_penalty:
-                lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id)
                 scores = scores + args.length_penalty * (1 - lengths / args.target_length)
             if args.missing_eos_penalty is not None:  # N+ "EOS trick"
                 scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
@@ -421,7 +421,6 @@ if __name__ == "__main__":
         kl_sum = kl.sum(-1)
         if kl_ctl and not warmup:  # PPO-max: no policy update, no KL control during critic warmup
             kl_ctl.update(kl_sum.mean().item(), args.batch_size)
-        lengths = common.response_length(responses, response_mask.long(), tokenizer.eos_token_id).float()
         metrics = {
             "episode": iteration * args.batch_size,
             "objective/kl": kl_sum.mean().item(),
