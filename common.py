@@ -254,8 +254,7 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if name_or_path == TOY:
-        model = toy_model(tokenizer)
-        return model
+        return toy_model(tokenizer)
     _check_exists(name_or_path, hint)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
