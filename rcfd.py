@@ -10,11 +10,12 @@ demonstration for the same prompt:
 With several reward components (for example the reward model and a length reward), each calibrated
 reward is whitened over the batch and the results are summed. As in the paper, the optimizer is PPO
 with clip 0.3 and no value network: the sequence reward, whitened within the batch, is the advantage
-of every response token, and there is no KL penalty (`--kl_coef` adds one).
-
-On the toy world RCfD keeps the reward at the demonstrations' level but, with a reward model that
-cannot see grammar, nothing stops the text from degrading (benchmark/overoptimization.md): the
-calibrated reward protects only what the reward measures.
+of every response token. The paper uses no KL penalty; this file's default adds a small one
+(`--kl_coef 0.2`, per sequence, in units of the whitened reward), and `--kl_coef 0` is the paper's
+setting. The reason is measured on the toy world: without the KL term RCfD keeps the reward at the
+demonstrations' level but, with a reward model that cannot see grammar, nothing stops the text from
+degrading (gold -3.1, well-formed 0.59; benchmark/overoptimization.md): the calibrated reward
+protects only what the reward measures.
 
     python rcfd.py                                     # calibrate the reward model (runs/reward_model)
     python rcfd.py --rewards model length             # two calibrated, whitened, summed components
@@ -75,8 +76,9 @@ class Args:
     """sampling temperature (log-probs are computed with the same temperature)"""
     cliprange: float = 0.3
     """policy ratio clip epsilon (0.3 in the paper)"""
-    kl_coef: float = 0.0
-    """beta: KL penalty per sequence, in units of the whitened calibrated reward (0 in the paper)"""
+    kl_coef: float = 0.2
+    """beta: KL penalty per sequence, in units of the whitened calibrated reward (0 in the paper;
+    without it the toy policy's grammar degrades)"""
     missing_eos_penalty: float | None = 1.0
     """a response with no EOS gets the batch's lowest calibrated reward minus this (None: keep its own)"""
     max_grad_norm: float = 1.0

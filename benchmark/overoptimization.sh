@@ -40,7 +40,7 @@ echo "tuned kl_coef: $TUNED_KL"
 for seed in $SEEDS; do
     run "ppo_nokl_s$seed" ppo.py --kl_coef 0 --seed "$seed"
     run "ppo_kl${TUNED_KL}_s$seed" ppo.py --kl_coef "$TUNED_KL" --seed "$seed"
-    run "rcfd_s$seed" rcfd.py --seed "$seed"
+    run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed"  # the paper's setting (no KL)
 done
 
 # 3. Final alignment of every policy with the same reward model, then the table.

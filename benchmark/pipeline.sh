@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's results table: every algorithm with its default settings on the toy world, 3 seeds.
-# Each seed trains its own SFT model and reward model, then PPO, PPO-max, RRHF, RCfD and length-only
-# PPO (--reward length --target_length 30) from them. Runs go to $OUT/<algo>_s<seed>; a run whose
-# summary.json exists is skipped, so the script resumes where it stopped.
+# The README's results table: every algorithm on the toy world, 3 seeds, about 30 minutes on 2 cores.
+# Each seed trains its own SFT model and reward model (defaults), then PPO, PPO-max, RRHF, RCfD and
+# length-only PPO (--reward length --target_length 30) from them, each with its defaults except an
+# equal budget of $EPISODES sampled responses for the PPO-style methods (RRHF keeps its default
+# budget: 512 prompts with 8 samples of the SFT model each). Runs go to $OUT/<algo>_s<seed>; a run
+# whose summary.json exists is skipped, so the script resumes where it stopped.
 #
 #     bash benchmark/pipeline.sh
 #     python benchmark/report.py table runs/bench/pipeline --initial ppo
@@ -14,6 +16,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench/pipeline}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-2}
+EPISODES=${EPISODES:-2560}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 
@@ -31,11 +34,11 @@ seed_pipeline() {
     run "sft_s$s" sft.py --seed "$s"
     run "reward_model_s$s" reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
     local models=(--seed "$s" --sft_model_path "$OUT/sft_s$s" --reward_model_path "$OUT/reward_model_s$s")
-    run "ppo_s$s" ppo.py "${models[@]}"
-    run "ppo_max_s$s" ppo_max.py "${models[@]}"
+    run "ppo_s$s" ppo.py "${models[@]}" --total_episodes "$EPISODES"
+    run "ppo_max_s$s" ppo_max.py "${models[@]}" --total_episodes "$EPISODES"
     run "rrhf_s$s" rrhf.py "${models[@]}"
-    run "rcfd_s$s" rcfd.py "${models[@]}"
-    run "length_ppo_s$s" ppo.py "${models[@]}" --reward length --target_length 30
+    run "rcfd_s$s" rcfd.py "${models[@]}" --total_episodes "$EPISODES"
+    run "length_ppo_s$s" ppo.py "${models[@]}" --total_episodes "$EPISODES" --reward length --target_length 30
 }
 
 for s in $SEEDS; do
