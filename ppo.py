@@ -85,7 +85,8 @@ class Args:
     length_penalty: float = 0.0
     """sigma: add sigma * (1 - len/N) to the score, N = --target_length (Singhal et al. 2023)"""
     omit_long: bool = False
-    """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.); silences --missing_eos_penalty"""
+    """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.);
+    silences --missing_eos_penalty. Training logs then describe the kept rollouts, except eos_rate"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only) before GAE"""
     max_grad_norm: float = 1.0
@@ -247,6 +248,7 @@ if __name__ == "__main__":
             # The generation's own logits give the old log-probs: no extra policy forward pass.
             logprobs = common.logprobs_from_logits(gen_logits, responses, args.temperature)
             del gen_logits
+            eos_rate = ended.float().mean().item()  # of the samples, before --omit_long replaces rows
             if args.omit_long and ended.any():  # train only on rollouts that ended, keeping the batch size
                 ended_rows = ended.nonzero().squeeze(-1)
                 keep = torch.where(ended, torch.arange(len(ended), device=device),
@@ -326,7 +328,7 @@ if __name__ == "__main__":
             "kl_coef": kl_coef,
             "lr": scheduler.get_last_lr()[0],
             "response/length": lengths.mean().item(),
-            "response/eos_rate": ended.float().mean().item(),
+            "response/eos_rate": eos_rate,
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
             "eps": args.batch_size / (t3 - t0),  # episodes per second (TRL's name)
