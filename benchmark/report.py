@@ -7,12 +7,14 @@ and as min-max bands in plots.
     python benchmark/report.py table runs/bench/pipeline --initial ppo  # markdown, from summary.json
     python benchmark/report.py curves runs/bench/overopt --out benchmark/figures/overopt.png
     python benchmark/report.py points runs/bench/overopt --at 20 50 100   # metrics at iterations
+    python benchmark/report.py timing runs/bench/pipeline               # where the time goes
 
 matplotlib is needed only for `curves` (pip install matplotlib).
 """
 
 import json
 import re
+import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,13 +24,15 @@ from typing import Literal
 import tyro
 
 TABLE_KEYS = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "train_time", "peak_memory_mb")
+TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "eps", "tokens_per_second")
 CURVE_KEYS = ("gold/reward", "objective/scores", "objective/kl", "response/length", "gold/well_formed")
 
 
 @dataclass
 class Args:
-    command: tyro.conf.Positional[Literal["table", "curves", "points"]]
-    """table: final summary.json values; curves: PNG learning curves; points: training metrics at iterations"""
+    command: tyro.conf.Positional[Literal["table", "curves", "points", "timing"]]
+    """table: final summary.json values; curves: PNG learning curves; points: training metrics at
+    iterations; timing: median seconds per iteration in each stage, and throughput"""
     runs: tyro.conf.Positional[Path]
     """folder holding the `<name>_s<seed>` run folders"""
     keys: tuple[str, ...] = ()
@@ -88,6 +92,18 @@ def points(groups: dict[str, list[Path]], keys: tuple[str, ...], at: tuple[int, 
     return "\n".join(rows)
 
 
+def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
+    """Median over every training iteration of every seed: robust to the odd slow iteration."""
+    rows = [f"| run | iterations | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
+    for name, runs in groups.items():
+        metrics = [m for r in runs for m in read_metrics(r) if "time/training" in m]
+        if metrics:
+            medians = [statistics.median(m[k] for m in metrics) if all(k in m for m in metrics) else None
+                       for k in keys]
+            rows.append(f"| {name} | {len(metrics)} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in medians) + " |")
+    return "\n".join(rows)
+
+
 def curves(groups: dict[str, list[Path]], keys: tuple[str, ...], out: Path, smooth: int) -> None:
     import matplotlib
 
@@ -130,5 +146,7 @@ if __name__ == "__main__":
         print(table(groups, args.keys or TABLE_KEYS, args.initial))
     elif args.command == "points":
         print(points(groups, args.keys or CURVE_KEYS, args.at))
+    elif args.command == "timing":
+        print(timing(groups, args.keys or TIMING_KEYS))
     else:
         curves(groups, args.keys or CURVE_KEYS, args.out, args.smooth)
