@@ -168,17 +168,22 @@ def toy_tokenizer():
                                    eos_token=EOS, unk_token=UNK, padding_side="left")
 
 
-def toy_model(tokenizer):
-    """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off."""
-    from transformers import AutoModelForCausalLM, GPT2Config
+def toy_model(tokenizer, kind: str = "causal"):
+    """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off: a causal
+    LM, or with kind="score" a scalar-head classifier. The initialization depends only on the seed
+    set by seed_everything, so two toy models of one run (say, a policy and its reference) are equal."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
 
     # activation "gelu" (one fused op) rather than GPT-2's "gelu_new" (a tanh formula of eight ops):
     # about 20% less time per forward and backward pass on a CPU, same quality
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=4,
                         n_head=4, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    return AutoModelForCausalLM.from_config(config)
+                        pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    with torch.random.fork_rng():
+        torch.manual_seed(torch.initial_seed())
+        return cls.from_config(config)
 
 
 @functools.cache
@@ -223,6 +228,21 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def require_positive(args, *names: str) -> None:
+    """fail() unless each named argument is positive: a zero batch size, epoch count or interval
+    would otherwise surface as a ZeroDivisionError deep inside the loop."""
+    for name in names:
+        if getattr(args, name) <= 0:
+            fail(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible
+    (for example `<pad>` sampled mid-response), so that the toy gold reward sees them as malformed."""
+    keep = (response_mask == 1) & (responses != tokenizer.eos_token_id)
+    return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
+
+
 def _check_exists(name_or_path: str, hint: str) -> None:
     """Fail early on a local path that does not exist; anything else may be a hub id."""
     if os.path.exists(os.path.expanduser(name_or_path)):
@@ -256,7 +276,10 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if name_or_path == TOY:
-        return toy_model(tokenizer)
+        model = toy_model(tokenizer, kind)
+        if kind == "score":
+            torch.nn.init.zeros_(model.score.weight)
+        return model
     _check_exists(name_or_path, hint)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     extra = {} if kind == "causal" else {"num_labels": 1}
@@ -280,10 +303,13 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (N+ detail: dropout makes PPO's ratios noisy)."""
+    """Set every dropout probability to 0 (N+ detail: dropout makes PPO's ratios noisy): the
+    nn.Dropout modules, and the plain float that attention layers of Llama, Qwen or Mistral keep."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -469,11 +495,20 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     every row has ended), response_mask (B, R) up to and including the
     first EOS, ended (B,) bool (an EOS came before the length limit), and the generation's scores
     (B, R, V): the raw logits, from which old log-probs can be read without another forward pass."""
-    out = model.generate(
-        input_ids=queries, attention_mask=query_mask, max_new_tokens=max_new_tokens,
-        **({"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        return_dict_in_generate=True, output_logits=True)
+    from transformers import GenerationConfig
+
+    # Sample from softmax(logits / T) and nothing else: a hub model's own generation config may add
+    # a repetition penalty, banned n-grams or suppressed tokens, and samples from that distribution
+    # would not match the log-probs we compute. So generate() gets a config with only our settings.
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, **sampling)
+    saved, model.generation_config = model.generation_config, config
+    try:
+        out = model.generate(input_ids=queries, attention_mask=query_mask, return_dict_in_generate=True,
+                             output_logits=True)
+    finally:
+        model.generation_config = saved
     responses = out.sequences[:, queries.shape[1]:]
     response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
@@ -615,7 +650,7 @@ def make_reward_fn(kind: str, tokenizer, device: torch.device, reward_model_path
     for it. `gold` is the toy world's gold reward. `length` is 1 - |n/N - 1|, n excluding EOS."""
     if kind == "gold":
         def reward_fn(prompts, queries, query_mask, responses, response_mask):
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            texts = decode_responses(tokenizer, responses, response_mask)
             return torch.tensor([gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
     elif kind == "length":
         def reward_fn(prompts, queries, query_mask, responses, response_mask):
@@ -685,7 +720,7 @@ def _evaluate(policy, ref_policy, tokenizer, rows, reward_fn, device, max_new_to
             scores = reward_fn(prompts, queries, query_mask, responses, response_mask)
         kl = ((logprobs - ref_logprobs) * response_mask).sum(-1)
         lengths = response_length(responses, response_mask, tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = decode_responses(tokenizer, responses, response_mask)
         for j, prompt in enumerate(prompts):
             sample = {"prompt": prompt, "response": texts[j], "reward": scores[j].item(), "kl": kl[j].item(),
                       "length": lengths[j].item(), "eos": bool(ended[j])}

@@ -189,6 +189,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
+    common.require_positive(args, "batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens",
+                            "eval_every", "target_length")
     num_iterations = args.total_episodes // args.batch_size
     if num_iterations < 1 or args.batch_size % args.num_mini_batches:
         common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, "
@@ -204,8 +206,11 @@ if __name__ == "__main__":
     ref_policy.requires_grad_(False)
     reward_fn = common.make_reward_fn(args.reward, tokenizer, device, args.reward_model_path, args.target_length)
     # N+: the value model starts from the reward model (it already reads the text's quality), else
-    # from the SFT model with a zero-initialized scalar head.
-    value_init = args.reward_model_path if args.reward == "model" else args.sft_model_path
+    # from the SFT model with a zero-initialized scalar head. It reads the policy's token ids, so a
+    # reward model with another vocabulary cannot be its start.
+    value_init = args.sft_model_path
+    if args.reward == "model" and common.load_tokenizer(args.reward_model_path).get_vocab() == tokenizer.get_vocab():
+        value_init = args.reward_model_path
     value_model = common.load_model(value_init, tokenizer, "score").to(device)
     for model in (policy, value_model):
         common.disable_dropout(model)  # N+: dropout would make the PPO ratio noisy
@@ -234,7 +239,7 @@ if __name__ == "__main__":
     for iteration in common.progress(range(1, num_iterations + 1), desc="ppo"):
         # ---- 1. rollout: sample a response to each prompt of the batch ----
         t0 = time.time()
-        if len(order) < args.batch_size:
+        while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
         batch, order = [train_rows[i] for i in order[:args.batch_size]], order[args.batch_size:]
         prompts = [row["prompt"] for row in batch]
@@ -336,7 +341,7 @@ if __name__ == "__main__":
         if args.reward == "length":
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
         if toy:
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            texts = common.decode_responses(tokenizer, responses, response_mask)
             metrics["gold/reward"] = sum(map(common.gold_reward, prompts, texts)) / len(texts)
             metrics["gold/well_formed"] = sum(map(common.well_formed, prompts, texts)) / len(texts)
         logger.log(metrics, iteration)

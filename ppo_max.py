@@ -5,8 +5,8 @@ This file is ppo.py with exactly the PPO-max changes, each marked `# PPO-max:`, 
 - the score is normalized by the running (historical) mean and std of all scores so far, then
   clipped to +-delta (--reward_clip);
 - advantages are whitened per minibatch, optionally clipped (--advantage_clip);
-- the critic (initialized from the reward model, as in ppo.py) is pretrained with the value loss
-  alone for --critic_warmup_steps iterations before any policy update;
+- the critic (initialized as in ppo.py: from the reward model with --reward model) is pretrained
+  with the value loss alone for --critic_warmup_steps iterations before any policy update;
 - the rollouts form a small experience buffer used once (one PPO epoch);
 - an optional pretraining loss on the SFT demonstrations (--ptx_coef);
 - monitors of "pattern collapse", logged every iteration: policy and reference perplexity of the
@@ -78,8 +78,8 @@ class Args:
     """target KL (nats per sequence) for the adaptive controller"""
     kl_horizon: int = 10000
     """horizon (episodes) of the adaptive controller"""
-    missing_eos_penalty: float | None = -1.0
-    """score given to a response with no EOS within the limit (None: keep its reward)"""
+    missing_eos_penalty: float | None = -1.0  # PPO-max: in units of the normalized score
+    """score given to a response with no EOS within the limit, after normalization (None: keep its reward)"""
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
@@ -278,6 +278,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
+    common.require_positive(args, "batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens",
+                            "eval_every", "target_length")
     num_iterations = args.total_episodes // args.batch_size
     if num_iterations < 1 or args.batch_size % args.num_mini_batches:
         common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, "
@@ -293,8 +295,11 @@ if __name__ == "__main__":
     ref_policy.requires_grad_(False)
     reward_fn = common.make_reward_fn(args.reward, tokenizer, device, args.reward_model_path, args.target_length)
     # N+: the value model starts from the reward model (it already reads the text's quality), else
-    # from the SFT model with a zero-initialized scalar head.
-    value_init = args.reward_model_path if args.reward == "model" else args.sft_model_path
+    # from the SFT model with a zero-initialized scalar head. It reads the policy's token ids, so a
+    # reward model with another vocabulary cannot be its start.
+    value_init = args.sft_model_path
+    if args.reward == "model" and common.load_tokenizer(args.reward_model_path).get_vocab() == tokenizer.get_vocab():
+        value_init = args.reward_model_path
     value_model = common.load_model(value_init, tokenizer, "score").to(device)
     for model in (policy, value_model):
         common.disable_dropout(model)  # N+: dropout would make the PPO ratio noisy
@@ -331,7 +336,7 @@ if __name__ == "__main__":
         warmup = iteration < 0  # PPO-max
         # ---- 1. rollout: sample a response to each prompt of the batch ----
         t0 = time.time()
-        if len(order) < args.batch_size:
+        while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
         batch, order = [train_rows[i] for i in order[:args.batch_size]], order[args.batch_size:]
         prompts = [row["prompt"] for row in batch]
@@ -365,14 +370,15 @@ if __name__ == "__main__":
             values = common.token_scores(value_model, query_response, attention_mask)[:, context_len - 1:-1]
             scores = reward_fn(prompts, queries, query_mask, responses, response_mask).float()
             raw_scores = scores.clone()
+            # PPO-max: normalize with the mean/std of all scores so far (this batch included), clip to
+            # +-delta; the penalties below then count in these normalized units
+            score_moments.update(scores)
+            scores = normalize_and_clip_scores(scores, score_moments.mean, score_moments.std, args.reward_clip)
             lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
             if args.length_penalty:
                 scores = scores + args.length_penalty * (1 - lengths / args.target_length)
             if args.missing_eos_penalty is not None:  # N+ "EOS trick"
                 scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
-            # PPO-max: normalize with the mean/std of all scores so far (this batch included), clip to +-delta
-            score_moments.update(scores)
-            scores = normalize_and_clip_scores(scores, score_moments.mean, score_moments.std, args.reward_clip)
         response_mask = response_mask.float()
         logprobs, ref_logprobs = logprobs * response_mask, ref_logprobs * response_mask
         values = values.float() * response_mask
@@ -445,7 +451,7 @@ if __name__ == "__main__":
         if args.reward == "length":
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
         if toy:
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            texts = common.decode_responses(tokenizer, responses, response_mask)
             metrics["gold/reward"] = sum(map(common.gold_reward, prompts, texts)) / len(texts)
             metrics["gold/well_formed"] = sum(map(common.well_formed, prompts, texts)) / len(texts)
         logger.log(metrics, iteration)

@@ -77,7 +77,7 @@ class Args:
     cliprange: float = 0.3
     """policy ratio clip epsilon (0.3 in the paper)"""
     kl_coef: float = 0.2
-    """beta: KL penalty per sequence, in units of the whitened calibrated reward (0 in the paper;
+    """beta: KL penalty per sequence, in units of one whitened calibrated component (0 in the paper;
     without it the toy policy's grammar degrades)"""
     missing_eos_penalty: float | None = 1.0
     """a response with no EOS gets the batch's lowest calibrated reward minus this (None: keep its own)"""
@@ -150,7 +150,7 @@ def alignment_kl(demo_rewards: torch.Tensor, policy_rewards: torch.Tensor, bins:
         return p / p.sum()
 
     p, q = histogram(demo_rewards), histogram(policy_rewards)
-    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum().item()  # xlogy: an empty demo bin adds 0
+    return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum().item()  # xlogy: 0 log 0 = 0 (with eps=0)
 
 
 def demo_rewards(indices: list[int], rows: list[dict], cache: dict[int, torch.Tensor], score_fn,
@@ -169,7 +169,7 @@ def demo_rewards(indices: list[int], rows: list[dict], cache: dict[int, torch.Te
 
 def loglik_reward_fn(ref_policy, temperature: float):
     """The `loglik` component: log pi_ref(y | x), the response's log-likelihood under the frozen SFT
-    model, summed over its tokens (EOS included). Calibrated to a demonstration's, it asks for text as
+    model at the sampling temperature, summed over its tokens (EOS included). Calibrated to a demonstration's, it asks for text as
     likely as a human's: the paper's sequence log-likelihood calibration. Same signature as
     common.make_reward_fn's functions: (prompts, queries, query_mask, responses, response_mask) -> (B,)."""
     @torch.no_grad()
@@ -184,7 +184,12 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
+    common.require_positive(args, "batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens",
+                            "eval_every", "target_length", "alignment_bins")
     num_iterations = args.total_episodes // args.batch_size
+    if num_iterations < 1 or args.batch_size % args.num_mini_batches:
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, "
+                    f"which must be divisible by --num_mini_batches {args.num_mini_batches}")
     minibatch_size = args.batch_size // args.num_mini_batches
     toy = args.dataset_name == common.TOY
     if len(set(args.rewards)) != len(args.rewards) or not args.rewards:
@@ -261,7 +266,7 @@ if __name__ == "__main__":
     for iteration in common.progress(range(1, num_iterations + 1), desc="rcfd"):
         # ---- 1. rollout: sample a response to each prompt of the batch ----
         t0 = time.time()
-        if len(order) < args.batch_size:
+        while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
         indices, order = order[:args.batch_size], order[args.batch_size:]
         prompts = [train_rows[i]["prompt"] for i in indices]
@@ -348,7 +353,7 @@ if __name__ == "__main__":
         if "length" in args.rewards:
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
         if toy:
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            texts = common.decode_responses(tokenizer, responses, response_mask)
             metrics["gold/reward"] = sum(map(common.gold_reward, prompts, texts)) / len(texts)
             metrics["gold/well_formed"] = sum(map(common.well_formed, prompts, texts)) / len(texts)
         logger.log(metrics, iteration)

@@ -193,6 +193,8 @@ def shift_scores(model, shift: float) -> bool:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    common.require_positive(args, "learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
+                            "eval_rows", "length_bin_width")
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     hint = "run `python sft.py` first or pass --model_name_or_path"

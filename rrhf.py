@@ -139,11 +139,22 @@ def read_rrhf_data(path: str) -> list[dict]:
     """Rows {"query": str, "responses": [str], "scores": [float]} of the released RRHF code's format."""
     if not os.path.exists(path):
         common.fail(f"{path} not found: pass a .jsonl file of {{query, responses, scores}} rows to --rrhf_data")
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for n, row in enumerate(rows, 1):
-        if not {"query", "responses", "scores"} <= row.keys() or len(row["responses"]) != len(row["scores"]):
-            common.fail(f"{path} line {n}: need query, responses and scores of equal length (has {sorted(row)})")
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                common.fail(f"{path} line {n} is not JSON ({e.msg}): one {{query, responses, scores}} object per line")
+            if (not isinstance(row, dict) or not {"query", "responses", "scores"} <= row.keys()
+                    or len(row["responses"]) != len(row["scores"])):
+                has = sorted(row) if isinstance(row, dict) else type(row).__name__
+                common.fail(f"{path} line {n}: need query, responses and scores of equal length (has {has})")
+            rows.append(row)
+    if not rows:
+        common.fail(f"{path} has no rows: one {{query, responses, scores}} object per line")
     return rows
 
 
@@ -152,6 +163,10 @@ if __name__ == "__main__":
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     start = time.time()
+    common.require_positive(args, "total_episodes", "queries_per_step", "num_samples", "refresh_every",
+                            "max_new_tokens", "eval_batch_size", "target_length")
+    if args.total_episodes < args.queries_per_step:
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --queries_per_step {args.queries_per_step}")
     hint = "run `python sft.py` first or pass --sft_model_path"
     tokenizer = common.load_tokenizer(args.sft_model_path, hint)
     policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
@@ -275,7 +290,7 @@ if __name__ == "__main__":
         for source in sources:  # each source's mean reward: `online` is the policy's own
             metrics[f"objective/scores_{source}"] = rewards[valid][[s == source for s in flat_labels]].mean()
         if "online" in sources and args.dataset_name == common.TOY:  # true quality of the policy's samples
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            texts = common.decode_responses(tokenizer, responses, response_mask)
             online = [(prompts[i], t) for (i, _), t, s in zip(flat, texts, flat_labels) if s == "online"]
             metrics["gold/reward"] = sum(common.gold_reward(p, t) for p, t in online) / len(online)
             metrics["gold/well_formed"] = sum(common.well_formed(p, t) for p, t in online) / len(online)

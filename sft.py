@@ -96,6 +96,8 @@ def eval_loss(model, examples, pad_id, batch_size, device) -> float:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    common.require_positive(args, "learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
+                            "eval_rows", "max_new_tokens")
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
     tokenizer = common.load_tokenizer(args.model_name_or_path)
@@ -146,9 +148,9 @@ if __name__ == "__main__":
     queries, query_mask = common.pad([common.encode_prompt(tokenizer, r["prompt"]) for r in test_rows],
                                      tokenizer.pad_token_id, side="left")
     with common.autocast(device):
-        responses, _, ended, _ = common.generate(model, queries.to(device), query_mask.to(device), tokenizer,
-                                                 args.max_new_tokens)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        responses, response_mask, ended, _ = common.generate(model, queries.to(device), query_mask.to(device),
+                                                             tokenizer, args.max_new_tokens)
+    texts = common.decode_responses(tokenizer, responses, response_mask)
     summary["eos_rate"] = ended.float().mean().item()
     if args.dataset_name == common.TOY:
         pairs = list(zip([r["prompt"] for r in test_rows], texts))

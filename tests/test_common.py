@@ -209,6 +209,70 @@ def test_generate_pads_after_eos_and_its_logits_give_the_forward_logprobs(tok) -
     assert torch.allclose(gen_logprobs * response_mask, forward_logprobs * response_mask, atol=1e-4)
 
 
+def test_generate_ignores_the_models_own_generation_config(tok) -> None:
+    """Sampling settings in a hub model's generation config (here: a suppressed token) would make
+    the samples disagree with the log-probs we compute; generate() must use only ours."""
+    model = tiny_lm("gpt2", tok)
+    queries, query_mask = left_padded_queries(tok, [p for p, _ in REVIEWS])
+    with torch.no_grad():
+        first = model(input_ids=queries, attention_mask=query_mask,
+                      position_ids=common.position_ids(query_mask)).logits[:, -1].argmax(-1)
+    model.generation_config.suppress_tokens = first.unique().tolist()
+    model.generation_config.repetition_penalty = 5.0
+    responses, _, _, _ = common.generate(model, queries, query_mask, tok, 4, greedy=True)
+    assert responses[:, 0].tolist() == first.tolist()  # greedy = argmax of the raw logits
+    assert model.generation_config.suppress_tokens == first.unique().tolist()  # the model's config is restored
+
+
+def test_decode_responses_stops_at_eos_and_shows_other_special_tokens(tok) -> None:
+    rows = ["very good . <eos> <pad> <pad>", "very <pad> good . <eos> <pad>", "very good . i loved it"]
+    responses = torch.tensor([words_to_ids(tok, r) for r in rows])
+    response_mask, _ = common.truncate_after_eos(responses, tok.eos_token_id)
+    texts = common.decode_responses(tok, responses, response_mask)
+    assert texts == ["very good .", "very <pad> good .", "very good . i loved it"]
+    # a special token sampled mid-sentence makes it malformed for the gold reward
+    assert common.well_formed("the plot was", texts[0]) == 1.0 and common.well_formed("the plot was", texts[1]) == 0.0
+
+
+def test_toy_models_of_one_seed_are_equal_and_score_models_start_at_zero(tok) -> None:
+    common.seed_everything(3)
+    a, b = common.load_model("toy", tok), common.load_model("toy", tok)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    common.seed_everything(4)
+    c = common.load_model("toy", tok)
+    assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
+    scorer = common.load_model("toy", tok, "score")
+    queries, query_mask = left_padded_queries(tok, [p for p, _ in REVIEWS])
+    assert torch.equal(common.token_scores(scorer, queries, query_mask), torch.zeros(queries.shape))
+
+
+def test_disable_dropout_zeroes_modules_and_llama_attention_dropout(tok) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok, attention_dropout=0.5))
+    assert any(getattr(m, "attention_dropout", 0.0) == 0.5 for m in model.modules())
+    common.disable_dropout(model)
+    assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
+    gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", tok))
+    for m in gpt2.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    common.disable_dropout(gpt2)
+    assert all(m.p == 0.0 for m in gpt2.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_require_positive_exits_2_naming_the_flag(capsys) -> None:
+    @dataclass
+    class Args:
+        batch_size: int = 8
+        eval_every: int = 0
+
+    common.require_positive(Args(), "batch_size")
+    with pytest.raises(SystemExit) as e:
+        common.require_positive(Args(), "batch_size", "eval_every")
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --eval_every must be positive, got 0"]
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT: completion masking and loss.
 # ---------------------------------------------------------------------------------------------

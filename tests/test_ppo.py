@@ -167,3 +167,16 @@ def test_ppo_length_reward_moves_length_toward_target(sft_model, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["initial"]["length_error"], summary["length_error"]
     assert after < 0.6 * before, (before, after)
+
+
+def test_ppo_bad_flags_and_a_dataset_smaller_than_the_batch(sft_model, tmp_path):
+    result = run_script("ppo.py", "--sft_model_path", str(sft_model), "--reward", "gold", "--eval_every", "0",
+                        check=False)
+    assert result.returncode == 2 and result.stderr.strip() == "error: --eval_every must be positive, got 0"
+    # 12 prompts, 6 held out: a batch of 16 takes training prompts several times over
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the plot was", "i", "it was not"] * 4))
+    out = tmp_path / "ppo"
+    run_script("ppo.py", "--sft_model_path", str(sft_model), "--reward", "length", "--dataset_name", str(data),
+               "--total_episodes", "32", "--batch_size", "16", "--max_new_tokens", "8", "--output_dir", str(out))
+    assert (out / "summary.json").exists()

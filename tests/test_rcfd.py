@@ -129,3 +129,11 @@ def test_rcfd_dataset_without_demonstrations_fails_with_one_line(sft_model, tmp_
                         str(data), "--output_dir", str(tmp_path / "out"), check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "demonstration" in result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--total_episodes", "8", "--batch_size", "16"], ["--num_mini_batches", "0"],
+                                   ["--eval_every", "0"]])
+def test_rcfd_bad_budget_is_a_one_line_error(sft_model, tmp_path, flags):
+    result = run_script("rcfd.py", "--sft_model_path", str(sft_model), "--rewards", "gold", *flags,
+                        "--output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1

@@ -120,3 +120,11 @@ def test_unusable_dataset_is_a_one_line_error(sft_model, tmp_path):
                         "--output_dir", str(tmp_path / "rm"), check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "foo" in result.stderr
+
+
+def test_reward_model_from_the_untrained_toy_model(tmp_path):
+    """`--model_name_or_path toy` (a fresh toy model, as sft.py accepts) trains a reward model too."""
+    out = tmp_path / "rm"
+    run_script("reward_model.py", "--model_name_or_path", "toy", "--output_dir", str(out), "--max_train_rows", "64",
+               "--batch_size", "16", "--eval_rows", "16", "--demo_rows", "16", "--num_epochs", "1")
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1

@@ -104,3 +104,14 @@ def test_missing_sft_model_exits_2(tmp_path):
     result = run_script("rrhf.py", "--sft_model_path", str(tmp_path / "nope"), check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "sft.py" in result.stderr
+
+
+@pytest.mark.parametrize("content, says", [('{"query": "i", "responses": ["a"], "scores": [1.0]}\nnot json\n', "line 2"),
+                                           ("[1, 2]\n", "line 1"), ("\n", "no rows")])
+def test_bad_rrhf_data_is_a_one_line_error(sft_model, tmp_path, content, says):
+    data = tmp_path / "rrhf.jsonl"
+    data.write_text(content)
+    result = run_script("rrhf.py", "--sft_model_path", str(sft_model), "--reward", "gold", "--rrhf_data", str(data),
+                        "--output_dir", str(tmp_path / "out"), check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert says in result.stderr

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Does PPO itself work? PPO with the exact golden length reward 1 - |n/N - 1| (Fan et al. 2023) for
+# targets N = 10, 20, 30, 3 seeds, 20 iterations of 64 prompts each (a fifth of ppo.py's default
+# budget), from the SFT model at $SFT. About 15 minutes on 2 cores.
+#
+#     bash benchmark/golden_length.sh
+#     python benchmark/report.py table runs/bench/golden_length --initial length20 \
+#         --keys length length_error within_10pct gold well_formed train_time
+#     python benchmark/report.py points runs/bench/golden_length --at 5 10 20 --keys response/length_error
+#
+# Runs go to $OUT/length<N>_s<seed>; a run whose summary.json exists is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/bench/golden_length}
+SFT=${SFT:-runs/sft}
+SEEDS=${SEEDS:-1 2 3}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+
+run() {  # run NAME ARGS...: one ppo.py run into $OUT/NAME, its output in $OUT/NAME.log
+    local name=$1; shift
+    [ -f "$OUT/$name/summary.json" ] && return
+    python ppo.py --sft_model_path "$SFT" --reward length --total_episodes 1280 --eval_every 5 "$@" \
+        --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
+    echo "$(date +%T) done $name"
+}
+
+for s in $SEEDS; do
+    for n in 10 20 30; do
+        run "length${n}_s$s" --target_length "$n" --seed "$s" &
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done
+    done
+done
+wait
+python benchmark/report.py table "$OUT" --keys length length_error within_10pct gold well_formed train_time \
+    | tee "$OUT/table.md"
