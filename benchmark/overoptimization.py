@@ -86,10 +86,13 @@ def demo_score_fn(tokenizer, reward_fn, device):
 @torch.no_grad()
 def alignment(root: Path, reward_model_path: str, eval_prompts: int, bins: int) -> None:
     """Write alignment.json into each run: the saved policy's rewards on the held-out prompts
-    against its demonstrations' rewards, with the same reward model for every run."""
+    against its demonstrations' rewards, with the same reward model for every run. A run that
+    already has one is skipped (delete the file to recompute it)."""
     device = common.pick_device("auto")
     for runs in group_runs(root).values():
         for run in runs:
+            if (run / "alignment.json").exists():
+                continue
             common.seed_everything(0)
             args = json.loads((run / "args.json").read_text())
             tokenizer = common.load_tokenizer(str(run))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reward over-optimization on the toy world: PPO with no KL penalty, PPO with a KL coefficient tuned
-# by a short sweep, and RCfD with no KL, 3 seeds each, with the same SFT model, reward model and
-# budget. Runs go to $OUT/<name>_s<seed>, the table to $OUT/table.md (results: benchmark/overoptimization.md).
+# by a short sweep, and RCfD with no KL (the paper's setting) and with rcfd.py's default KL of 0.2,
+# 3 seeds each, with the same SFT model, reward model and budget. Runs go to $OUT/<name>_s<seed>,
+# the table to $OUT/table.md (results: benchmark/overoptimization.md).
 #
 #   bash benchmark/overoptimization.sh                       # needs runs/sft and runs/reward_model
 #   RM=runs/bench/reward_model SEEDS="1 2 3" bash benchmark/overoptimization.sh
@@ -41,6 +42,7 @@ for seed in $SEEDS; do
     run "ppo_nokl_s$seed" ppo.py --kl_coef 0 --seed "$seed"
     run "ppo_kl${TUNED_KL}_s$seed" ppo.py --kl_coef "$TUNED_KL" --seed "$seed"
     run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed"  # the paper's setting (no KL)
+    run "rcfd_kl0.2_s$seed" rcfd.py --seed "$seed"          # rcfd.py's default: --kl_coef 0.2
 done
 
 # 3. Final alignment of every policy with the same reward model, then the table.
