@@ -587,8 +587,8 @@ class Logger:
         for k, v in metrics.items():
             if self.tb and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
+        if self.wandb:  # W&B's own step must only increase: ppo_max.py's warmup logs steps below 0
+            self.wandb.log(metrics)
 
     def close(self) -> None:
         self.file.close()
