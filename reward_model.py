@@ -42,8 +42,9 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
-    learning_rate: float = 2e-3
-    """peak learning rate, decayed linearly to 0"""
+    learning_rate: float = 1e-3
+    """peak learning rate, decayed linearly to 0 (2e-3 was unstable on the toy world: gradient-norm
+    spikes, and held-out agreement with gold fell from 0.72 to 0.61)"""
     num_epochs: int = 2
     """passes over the training pairs"""
     batch_size: int = 32

@@ -5,18 +5,19 @@
 # the table to $OUT/table.md (results: benchmark/overoptimization.md).
 #
 #   bash benchmark/overoptimization.sh                       # needs runs/sft and runs/reward_model
-#   RM=runs/bench/reward_model SEEDS="1 2 3" bash benchmark/overoptimization.sh
+#   SFT=runs/bench/pipeline/sft_s1 RM=runs/bench/pipeline/reward_model_s1 bash benchmark/overoptimization.sh
 #
 # A finished run (one with summary.json) is skipped, so the script resumes where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench/overopt}
 SEEDS=${SEEDS:-1 2 3}
 SWEEP=${SWEEP:-0.02 0.1 0.5}
 # The budget, equal for every method: 24 iterations of 64 responses, held-out evaluation every 4.
-BUDGET=(--reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_prompts 128
+BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_prompts 128
         --learning_rate 3e-4)
 
 run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME, its stdout in $OUT/NAME.log
