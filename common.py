@@ -187,13 +187,13 @@ def toy_model(tokenizer, kind: str = "causal"):
 
 
 @functools.cache
-def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256):
+def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256, k: float = 2.0, c: float = 0.1):
     """Deterministic toy datasets in TRL's standard formats.
 
     kind="sft" and "prompts": prompt (first 2-4 words of a review) and completion (the rest).
     kind="preference": prompt, chosen, rejected: two reviews for one prompt, labeled by a simulated
-    annotator with P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)), k=2, c=0.1, so it
-    slightly prefers longer reviews (as real preference data does). Also `gold_chosen_better`."""
+    annotator with P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)): noisy (k), and
+    slightly preferring longer reviews (c), as real preference data does. Also `gold_chosen_better`."""
     from datasets import Dataset, DatasetDict
 
     rng = random.Random(f"{kind}-{seed}")
@@ -208,7 +208,7 @@ def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256
             if kind == "preference":
                 b = sample_review(rng, prompt)[cut:]
                 ga, gb = gold_reward(row["prompt"], " ".join(a)), gold_reward(row["prompt"], " ".join(b))
-                p_a = 1 / (1 + math.exp(-(2.0 * (ga - gb) + 0.1 * (len(a) - len(b)))))
+                p_a = 1 / (1 + math.exp(-(k * (ga - gb) + c * (len(a) - len(b)))))
                 chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
                 row = {"prompt": row["prompt"], "chosen": " ".join(chosen),
                        "rejected": " ".join(rejected), "gold_chosen_better": (ga >= gb) == (chosen is a)}

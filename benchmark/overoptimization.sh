@@ -16,6 +16,7 @@ RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench/overopt}
 SEEDS=${SEEDS:-1 2 3}
 SWEEP=${SWEEP:-0.02 0.1 0.5}
+JOBS=${JOBS:-3}
 # The budget, equal for every method: 24 iterations of 64 responses, held-out evaluation every 4.
 BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_prompts 128
         --learning_rate 3e-4)
@@ -32,19 +33,26 @@ mkdir -p "$OUT/sweep"
 #    oracle that a real sweep does not have: the best case for the baseline). The chosen run is
 #    reused as the tuned baseline's seed 1.
 for kl in $SWEEP; do
-    run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1
+    run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1 &
 done
+wait
 TUNED_KL=${TUNED_KL:-$(python benchmark/overoptimization.py pick "$OUT/sweep")}
 echo "tuned kl_coef: $TUNED_KL"
 [ -e "$OUT/ppo_kl${TUNED_KL}_s1" ] || cp -r "$OUT/sweep/ppo_kl${TUNED_KL}_s1" "$OUT/ppo_kl${TUNED_KL}_s1"
 
-# 2. The comparison.
-for seed in $SEEDS; do
+# 2. The comparison, seeds in parallel ($JOBS at a time, one thread each).
+compare() {
+    local seed=$1
     run "ppo_nokl_s$seed" ppo.py --kl_coef 0 --seed "$seed"
     run "ppo_kl${TUNED_KL}_s$seed" ppo.py --kl_coef "$TUNED_KL" --seed "$seed"
     run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed"  # the paper's setting (no KL)
     run "rcfd_kl0.2_s$seed" rcfd.py --seed "$seed"          # rcfd.py's default: --kl_coef 0.2
+}
+for seed in $SEEDS; do
+    compare "$seed" &
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
+wait
 
 # 3. Final alignment of every policy with the same reward model, then the table.
 python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"
