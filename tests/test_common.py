@@ -364,8 +364,9 @@ def test_toy_datasets_are_deterministic_and_grammatical() -> None:
         assert common.well_formed(row["prompt"], row["rejected"]) == 1.0
 
 
-def test_toy_annotator_agrees_with_gold_about_73_percent_and_prefers_longer() -> None:
-    rows = common.toy_dataset("preference")["train"].to_list()
+def annotator_stats(rows: list[dict]) -> tuple[float, float, int]:
+    """Agreement of the labels with gold on pairs of different gold; on gold ties of different
+    length, the fraction where the longer review was chosen, and the number of such ties."""
     agree = decided = longer_chosen = length_ties = 0
     for row in rows:
         gold_chosen = common.gold_reward(row["prompt"], row["chosen"])
@@ -377,8 +378,21 @@ def test_toy_annotator_agrees_with_gold_about_73_percent_and_prefers_longer() ->
         elif len(row["chosen"].split()) != len(row["rejected"].split()):
             length_ties += 1
             longer_chosen += len(row["chosen"].split()) > len(row["rejected"].split())
-    assert 0.70 < agree / decided < 0.78  # label noise: the accuracy ceiling of a reward model
-    assert length_ties > 50 and longer_chosen / length_ties > 0.6  # the length bias, at equal gold
+    return agree / decided, longer_chosen / length_ties, length_ties
+
+
+def test_toy_annotator_agrees_with_gold_about_73_percent_and_prefers_longer() -> None:
+    agreement, longer_on_ties, length_ties = annotator_stats(common.toy_dataset("preference")["train"].to_list())
+    assert 0.70 < agreement < 0.78  # label noise: the accuracy ceiling of a reward model
+    assert length_ties > 50 and longer_on_ties > 0.6  # the length bias, at equal gold
+
+
+def test_toy_annotator_k_sets_the_noise_and_c_the_length_bias() -> None:
+    """Near-noiseless (k=50) and length-blind (c=0): labels follow gold, and gold ties are coin flips."""
+    rows = common.toy_dataset("preference", n_train=2000, n_test=8, k=50.0, c=0.0)["train"].to_list()
+    agreement, longer_on_ties, length_ties = annotator_stats(rows)
+    assert agreement > 0.98
+    assert length_ties > 30 and 0.3 < longer_on_ties < 0.7
 
 
 # ---------------------------------------------------------------------------------------------
