@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results table: every algorithm on the toy world, 3 seeds, about 30 minutes on 2 cores.
+# The README's results table: every algorithm on the toy world, 3 seeds, about 25 minutes on 2 cores.
 # Each seed trains its own SFT model and reward model (defaults), then PPO, PPO-max, RRHF, RCfD and
 # length-only PPO (--reward length --target_length 30) from them, each with its defaults except an
 # equal budget of $EPISODES sampled responses for the PPO-style methods (RRHF keeps its default
@@ -7,8 +7,8 @@
 # whose summary.json exists is skipped, so the script resumes where it stopped.
 #
 #     bash benchmark/pipeline.sh
-#     python benchmark/report.py table runs/bench/pipeline --initial ppo
-#     python benchmark/report.py curves runs/bench/pipeline --out benchmark/figures/pipeline.png
+#     python benchmark/report.py table runs/bench/pipeline --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb
+#     python benchmark/report.py curves runs/bench/pipeline --only ppo ppo_max rcfd length_ppo --out benchmark/figures/pipeline.png --smooth 3
 #
 # Seeds run in parallel, one thread each ($JOBS at a time, default 3: all seeds at once on 2 cores
 # finish sooner than two then one).
@@ -47,4 +47,6 @@ for s in $SEEDS; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
 wait
-python benchmark/report.py table "$OUT" --initial ppo | tee "$OUT/table.md"
+python benchmark/report.py table "$OUT" --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb \
+    | tee "$OUT/table.md"
+python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"
