@@ -25,17 +25,20 @@ run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME, its stdout 
     local name=$1; shift
     [ -f "$OUT/$name/summary.json" ] && return
     echo "$(date +%T) $name: python $* ${BUDGET[*]}"
-    python "$@" "${BUDGET[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1
+    python "$@" "${BUDGET[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+        || { echo "$name failed: see $OUT/$name.log"; return 1; }
 }
 
 mkdir -p "$OUT/sweep"
 # 1. Tune PPO's KL coefficient: one run per value on seed 1, judged by the final gold reward (an
 #    oracle that a real sweep does not have: the best case for the baseline). The chosen run is
 #    reused as the tuned baseline's seed 1.
+#    The sweep's runs all start at once, one thread each.
+pids=()
 for kl in $SWEEP; do
-    run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1 &
+    run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1 & pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed run stops the script
 TUNED_KL=${TUNED_KL:-$(python benchmark/overoptimization.py pick "$OUT/sweep")}
 echo "tuned kl_coef: $TUNED_KL"
 [ -e "$OUT/ppo_kl${TUNED_KL}_s1" ] || cp -r "$OUT/sweep/ppo_kl${TUNED_KL}_s1" "$OUT/ppo_kl${TUNED_KL}_s1"
@@ -48,11 +51,12 @@ compare() {
     run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed"  # the paper's setting (no KL)
     run "rcfd_kl0.2_s$seed" rcfd.py --seed "$seed"          # rcfd.py's default: --kl_coef 0.2
 }
+pids=()
 for seed in $SEEDS; do
-    compare "$seed" &
+    compare "$seed" & pids+=($!)
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 # 3. Final alignment of every policy with the same reward model, then the table.
 python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"

@@ -42,11 +42,12 @@ seed_pipeline() {
     run "length_ppo_s$s" ppo.py "${models[@]}" --total_episodes "$EPISODES" --reward length --target_length 30
 }
 
+pids=()
 for s in $SEEDS; do
-    seed_pipeline "$s" &
+    seed_pipeline "$s" & pids+=($!)
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
-wait
+for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed seed stops the script here
 python benchmark/report.py table "$OUT" --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb \
     | tee "$OUT/table.md"
 python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"

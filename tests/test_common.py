@@ -378,6 +378,7 @@ def annotator_stats(rows: list[dict]) -> tuple[float, float, int]:
         elif len(row["chosen"].split()) != len(row["rejected"].split()):
             length_ties += 1
             longer_chosen += len(row["chosen"].split()) > len(row["rejected"].split())
+    assert decided and length_ties, "no pair of different gold, or no gold tie of different length"
     return agree / decided, longer_chosen / length_ties, length_ties
 
 
