@@ -14,8 +14,9 @@ of every response token. The paper uses no KL penalty; this file's default adds 
 (`--kl_coef 0.2`, per sequence, in units of the whitened reward), and `--kl_coef 0` is the paper's
 setting. The reason is measured on the toy world: without the KL term RCfD keeps the reward at the
 demonstrations' level but, with a reward model that cannot see grammar, nothing stops the text from
-degrading (gold -3.1, well-formed 0.59; benchmark/overoptimization.md): the calibrated reward
-protects only what the reward measures.
+degrading (3 seeds, 24 iterations: gold -2.2, well-formed 0.66 without it; -0.06 and 0.98 with it,
+against the demonstrations' 0.18; benchmark/overoptimization.md): the calibrated reward protects
+only what the reward measures.
 
     python rcfd.py                                     # calibrate the reward model (runs/reward_model)
     python rcfd.py --rewards model length             # two calibrated, whitened, summed components
