@@ -6,13 +6,14 @@
 # the critic before its 40 policy iterations. Then two follow-ups (runs/bench/stability_extra):
 # PPO-max with the pretraining loss (--ptx_coef 0.5, 3 seeds), and ppo.py with PPO-max's optimizer
 # budget (one pass over the rollouts in 4 minibatches, seed 1), to separate "fewer updates" from the
-# rest of PPO-max. About 55 minutes on 2 busy CPU cores.
+# rest of PPO-max. About 25 minutes on 2 CPU cores (one run at a time, one thread).
 #
 #     bash benchmark/stability.sh
 #     python benchmark/stability_table.py runs/bench/stability
 #     python benchmark/stability_table.py runs/bench/stability_extra
 #
-# Needs runs/sft and the reward model at $RM (default runs/bench/reward_model).
+# Needs runs/sft and the reward model at $RM (default runs/bench/reward_model; the README uses
+# RM=runs/reward_model, the default pipeline's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RM=${RM:-runs/bench/reward_model}
