@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's results table: every algorithm on the toy world, 3 seeds, about 25 minutes on 2 cores.
+# The README's results table: every algorithm on the toy world, 3 seeds, about 20 minutes on 2 cores.
 # Each seed trains its own SFT model and reward model (defaults), then PPO, PPO-max, RRHF, RCfD and
 # length-only PPO (--reward length --target_length 30) from them, each with its defaults except an
 # equal budget of $EPISODES sampled responses for the PPO-style methods (RRHF keeps its default

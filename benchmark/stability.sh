@@ -12,11 +12,10 @@
 #     python benchmark/stability_table.py runs/bench/stability
 #     python benchmark/stability_table.py runs/bench/stability_extra
 #
-# Needs runs/sft and the reward model at $RM (default runs/bench/reward_model; the README uses
-# RM=runs/reward_model, the default pipeline's).
+# Needs runs/sft and the reward model at $RM (default runs/reward_model: run the default pipeline first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RM=${RM:-runs/bench/reward_model}
+RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench}
 SETTING=(--reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_prompts 64 --eval_every 10)
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# RRHF on the toy world (Yuan et al. 2023): the default offline sources (8 samples of the SFT model
+# plus the demonstration per query), online sampling from the model being trained with and without
+# a KL term (the paper's reward-hacking finding), and both with the gold reward instead of the
+# learned one. 3 seeds, from $SFT and $RM (default: the default pipeline's runs/sft and
+# runs/reward_model), each with rrhf.py's default budget of 512 queries. About 10 minutes on 2 cores.
+#
+#     bash benchmark/rrhf.sh
+#     python benchmark/report.py table runs/bench/rrhf --initial default \
+#         --keys gold reward kl length well_formed wall_time peak_memory_mb
+#
+# Runs go to $OUT/<name>_s<seed>; a run whose summary.json exists is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/bench/rrhf}
+SFT=${SFT:-runs/sft}
+RM=${RM:-runs/reward_model}
+SEEDS=${SEEDS:-1 2 3}
+JOBS=${JOBS:-3}
+export OMP_NUM_THREADS=1
+mkdir -p "$OUT"
+
+run() {  # run NAME ARGS...: one rrhf.py run into $OUT/NAME, its output in $OUT/NAME.log
+    local name=$1; shift
+    [ -f "$OUT/$name/summary.json" ] && return
+    python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@" --output_dir "$OUT/$name" \
+        > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
+    echo "$(date +%T) done $name"
+}
+
+seed_runs() {
+    local s=$1
+    run "default_s$s" --seed "$s"
+    run "online_s$s" --seed "$s" --sources online
+    run "online_kl0.05_s$s" --seed "$s" --sources online --kl_coef 0.05
+    run "gold_s$s" --seed "$s" --reward gold
+    run "gold_online_s$s" --seed "$s" --reward gold --sources online
+}
+
+pids=()
+for s in $SEEDS; do
+    seed_runs "$s" & pids+=($!)
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+python benchmark/report.py table "$OUT" --initial default \
+    --keys gold reward kl length well_formed wall_time peak_memory_mb | tee "$OUT/table.md"
