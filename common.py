@@ -208,7 +208,8 @@ def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256
             if kind == "preference":
                 b = sample_review(rng, prompt)[cut:]
                 ga, gb = gold_reward(row["prompt"], " ".join(a)), gold_reward(row["prompt"], " ".join(b))
-                logit = max(-50.0, min(50.0, k * (ga - gb) + c * (len(a) - len(b))))  # clipped: exp() must not overflow for a large k
+                # clipped so that exp() cannot overflow for a large k (no effect at the defaults)
+                logit = max(-50.0, min(50.0, k * (ga - gb) + c * (len(a) - len(b))))
                 p_a = 1 / (1 + math.exp(-logit))
                 chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
                 row = {"prompt": row["prompt"], "chosen": " ".join(chosen),
