@@ -1,15 +1,20 @@
-"""Shared utilities for minrlhf: the toy world, loading, batching, log-probs, generation, logging.
+"""The module that minrlhf's scripts share, in two parts.
 
-Each algorithm file (sft.py, reward_model.py, ppo.py, ...) holds its own training loop and math;
-this module holds only what several of them need and that is not the algorithm itself.
+Part 1: the language-model utilities that a copier takes along with one algorithm file: argument
+checks, multi-process setup, loading models, tokenizers and datasets, padding, log-probs, generation,
+scoring, evaluation, the run folder (metrics, checkpoints, saving). Part 2, at the end: the toy world,
+a small language of movie reviews with a known gold reward; a copier drops it with the scripts'
+`toy` branches.
 """
 
 import functools
+import itertools
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -17,210 +22,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
 
+import datasets
 import numpy as np
+import tokenizers
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
-if not sys.stderr.isatty():  # as `progress`: no progress bars in logs, so one-line errors stay one line
+if not sys.stderr.isatty():  # no progress bars in logs, so that one-line errors stay one line
     transformers.utils.logging.disable_progress_bar()
-    import datasets
     datasets.disable_progress_bars()
 
-TOY = "toy"
-_START = time.time()  # the script's wall time, reported in summary.json
-
 # ---------------------------------------------------------------------------------------------
-# The toy world: a word-level grammar of movie reviews with a known gold reward.
-# ---------------------------------------------------------------------------------------------
-
-NOUNS = ("movie film plot story acting cast ending music script dialogue pacing soundtrack "
-         "director camera humor villain hero scenery costumes effects sequel finale characters editing "
-         "writing lighting").split()
-ADJECTIVES = {  # valence of each adjective, -2 .. +2
-    **dict.fromkeys("great amazing wonderful brilliant superb excellent fantastic beautiful stunning".split(), 2.0),
-    **dict.fromkeys("good fun nice charming solid clever enjoyable pleasant".split(), 1.0),
-    **dict.fromkeys("okay fine average ordinary predictable long short".split(), 0.0),
-    **dict.fromkeys("bad poor boring slow weak bland silly dull messy mediocre confusing".split(), -1.0),
-    **dict.fromkeys("awful terrible horrible dreadful painful".split(), -2.0),
-}
-VERBS = {  # past tense -> (base form, valence)
-    "loved": ("love", 2.0), "adored": ("adore", 2.0), "liked": ("like", 1.0),
-    "enjoyed": ("enjoy", 1.0), "watched": ("watch", 0.0), "disliked": ("dislike", -1.0),
-    "hated": ("hate", -2.0), "regretted": ("regret", -2.0),
-}
-INTENSIFIERS = {"very": 1.5, "really": 1.5, "truly": 1.5, "extremely": 2.0, "quite": 1.2,
-                "somewhat": 0.5, "slightly": 0.5}
-ADVERBS = {"really": 1.5, "truly": 1.5, "honestly": 1.0, "mostly": 0.5}
-VALENCE = {**ADJECTIVES, **{past: v for past, (_, v) in VERBS.items()},
-           **{base: v for base, v in VERBS.values()}}
-MULTIPLIER = {**INTENSIFIERS, **ADVERBS}
-NEGATION = -0.5  # "not great" is mildly negative, "not bad" mildly positive
-
-# A sentence form is a list of slots; a slot is a word or a tuple of choices ("" = skip it).
-_ADJ_PHRASE = [("", "", "not"), ("", "") + tuple(INTENSIFIERS), tuple(ADJECTIVES), "."]
-SENTENCE_FORMS = [
-    ["the", tuple(NOUNS), "was", *_ADJ_PHRASE],
-    ["it", "was", *_ADJ_PHRASE],
-]
-for _object in (["it"], ["the", tuple(NOUNS)]):
-    SENTENCE_FORMS += [["i", ("", "", "") + tuple(ADVERBS), tuple(VERBS), *_object, "."],
-                       ["i", "did", "not", tuple(b for b, _ in VERBS.values()), *_object, "."]]
-TOY_WORDS = sorted({w for form in SENTENCE_FORMS for slot in form
-                    for w in ((slot,) if isinstance(slot, str) else slot) if w})
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-
-
-def _sample_sentence(rng: random.Random, prefix: list[str]) -> list[str] | None:
-    """Sample one sentence whose first words are `prefix` (None if the chosen form cannot match)."""
-    words = []
-    for slot in rng.choice(SENTENCE_FORMS):
-        choices = (slot,) if isinstance(slot, str) else slot
-        if len(words) < len(prefix):  # forced: keep the prefix's word, or skip an optional slot
-            want = prefix[len(words)]
-            choices = (want,) if want in choices else tuple(c for c in choices if c == "")
-            if not choices:
-                return None
-        words += [w] if (w := rng.choice(choices)) else []
-    return words if words[:len(prefix)] == prefix else None  # a skipped slot can miss the prefix
-
-
-def sample_review(rng: random.Random, prefix: list[str] = ()) -> list[str]:
-    """A review of 1-6 grammatical sentences (a list of words) that starts with `prefix`."""
-    while (first := _sample_sentence(rng, list(prefix))) is None:
-        pass
-    words = first
-    for _ in range(rng.randint(0, 5)):
-        while (sentence := _sample_sentence(rng, [])) is None:
-            pass
-        words += sentence
-    return words
-
-
-def _match(words: list[str], form: list) -> bool:
-    if not form:
-        return not words
-    slot, rest = form[0], form[1:]
-    choices = (slot,) if isinstance(slot, str) else slot
-    return any(_match(words, rest) if c == "" else (words[:1] == [c] and _match(words[1:], rest))
-               for c in set(choices))
-
-
-def _parse_sentence(words: list[str]) -> float | None:
-    """Valence of a sentence (list of words ending in "."), or None if it is not grammatical."""
-    if not any(_match(words, form) for form in SENTENCE_FORMS):
-        return None
-    value = next(VALENCE[w] for w in words if w in VALENCE)
-    for w in words:
-        value *= MULTIPLIER.get(w, 1.0) * (NEGATION if w == "not" else 1.0)
-    return value
-
-
-def split_sentences(text: str) -> list[list[str]]:
-    """Split text into sentences at "."; a trailing fragment without "." is its own sentence."""
-    sentences, current = [], []
-    for w in text.split():
-        current.append(w)
-        if w == ".":
-            sentences.append(current)
-            current = []
-    return sentences + ([current] if current else [])
-
-
-def gold_reward(prompt: str, completion: str) -> float:
-    """The toy world's true reward of a review: the mean valence of its well-formed, distinct
-    sentences, minus 2 per malformed sentence and 1 per repeated sentence."""
-    seen, valences, penalty = set(), [], 0.0
-    for sentence in split_sentences(f"{prompt} {completion}"):
-        value = _parse_sentence(sentence)
-        if value is None:
-            penalty += 2.0
-        elif tuple(sentence) in seen:
-            penalty += 1.0
-        else:
-            seen.add(tuple(sentence))
-            valences.append(value)
-    return (sum(valences) / len(valences) if valences else 0.0) - penalty
-
-
-def well_formed(prompt: str, completion: str) -> float:
-    """Fraction of the review's sentences that are grammatical (0 for an empty review)."""
-    sentences = split_sentences(f"{prompt} {completion}")
-    return sum(_parse_sentence(s) is not None for s in sentences) / max(len(sentences), 1)
-
-
-def length_reward(n_tokens: torch.Tensor, target: int) -> torch.Tensor:
-    """Golden length reward 1 - |n/N - 1| (Fan et al. 2023; Singhal et al. 2023's LPPO)."""
-    return 1.0 - (n_tokens.float() / target - 1.0).abs()
-
-
-def toy_tokenizer():
-    """Word-level tokenizer over the toy vocabulary, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([PAD, BOS, EOS, UNK] + TOY_WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
-                                   eos_token=EOS, unk_token=UNK, padding_side="left")
-
-
-def toy_model(tokenizer, kind: str = "causal"):
-    """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off: a causal
-    LM, or with kind="score" a scalar-head classifier. The initialization depends only on the seed
-    set by seed_everything, so two toy models of one run (say, a policy and its reference) are equal."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
-
-    # activation "gelu" (one fused op) rather than GPT-2's "gelu_new" (a tanh formula of eight ops):
-    # about 20% less time per forward and backward pass on a CPU, same quality
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=4,
-                        n_head=4, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, num_labels=1)
-    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    with torch.random.fork_rng():
-        torch.manual_seed(torch.initial_seed())
-        return cls.from_config(config)
-
-
-@functools.cache
-def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256, k: float = 2.0, c: float = 0.1):
-    """Deterministic toy datasets in TRL's standard formats.
-
-    kind="sft" and "prompts": prompt (first 2-4 words of a review) and completion (the rest).
-    kind="preference": prompt, chosen, rejected: two reviews for one prompt, labeled by a simulated
-    annotator with P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)): noisy (k), and
-    slightly preferring longer reviews (c), as real preference data does. Also `gold_chosen_better`."""
-    from datasets import Dataset, DatasetDict
-
-    rng = random.Random(f"{kind}-{seed}")
-    splits = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        rows = []
-        for _ in range(n):
-            a = sample_review(rng)
-            cut = rng.randint(2, min(4, len(a) - 1))
-            prompt, a = a[:cut], a[cut:]
-            row = {"prompt": " ".join(prompt), "completion": " ".join(a)}
-            if kind == "preference":
-                b = sample_review(rng, prompt)[cut:]
-                ga, gb = gold_reward(row["prompt"], " ".join(a)), gold_reward(row["prompt"], " ".join(b))
-                # clipped so that exp() cannot overflow for a large k (no effect at the defaults)
-                logit = max(-50.0, min(50.0, k * (ga - gb) + c * (len(a) - len(b))))
-                p_a = 1 / (1 + math.exp(-logit))
-                chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
-                row = {"prompt": row["prompt"], "chosen": " ".join(chosen),
-                       "rejected": " ".join(rejected), "gold_chosen_better": (ga >= gb) == (chosen is a)}
-            rows.append(row)
-        splits[split] = Dataset.from_list(rows)
-    return DatasetDict(splits)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading models, tokenizers and datasets.
+# Errors, argument checks and the start of a run.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -230,26 +46,121 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def require_positive(args, *names: str) -> None:
-    """fail() unless each named argument is positive: a zero batch size, epoch count or interval
-    would otherwise surface as a ZeroDivisionError deep inside the loop."""
-    for name in names:
-        if getattr(args, name) <= 0:
-            fail(f"--{name} must be positive, got {getattr(args, name)}")
+def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
+    """fail() unless each named flag is in its range (None means "off" and passes)."""
+    for name in positive + nonnegative:
+        value = getattr(args, name)
+        if value is not None and not (value > 0 if name in positive else value >= 0):  # NaN fails too
+            fail(f"--{name} must be {'positive' if name in positive else 'at least 0'}, got {value}")
+    if args.resume and args.overwrite:
+        fail("--resume continues a run and --overwrite replaces it: pass one of them")
 
 
-def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible
-    (for example `<pad>` sampled mid-response), so that the toy gold reward sees them as malformed."""
-    keep = (response_mask == 1) & (responses != tokenizer.eos_token_id)
-    return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
+_resume_hint = ""  # what Ctrl-C prints: where the last checkpoint is
+
+
+def setup(args) -> tuple[torch.device, int, int]:
+    """Start a run, before anything is loaded: check --output_dir, join the process group when
+    launched by torchrun (NCCL with one GPU per rank on CUDA, gloo on CPU), seed every RNG with its
+    own stream per rank (N+ detail: seed + rank * 100003). Returns (device, rank, world_size)."""
+    out = Path(args.output_dir)
+    holds_run = any((out / f).exists() for f in RUN_FILES)
+    if args.resume and not (out / "checkpoint.pt").exists():
+        fail(f"--resume: {out} holds no checkpoint; start anew with --overwrite")
+    if holds_run and not (args.resume or args.overwrite):
+        fail(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if out.is_dir() and not holds_run and any(not p.name.startswith(".") for p in out.iterdir()):
+        fail(f"{out} holds files that are not a run: choose another --output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f".write-test-{os.getpid()}").touch()
+        (out / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        fail(f"cannot write to --output_dir {out}: {e.strerror}")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    if device not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but torch finds no CUDA device: use --device cpu")
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    transformers.set_seed(args.seed + rank * 100003)
+    global _resume_hint
+    _resume_hint = f"resume with: python {' '.join(a for a in sys.argv if a != '--overwrite')}" + \
+        ("" if args.resume else " --resume")
+    signal.signal(signal.SIGINT, _interrupted)
+    return torch.device(device), rank, world_size
+
+
+def _interrupted(*_) -> NoReturn:
+    if rank() == 0:
+        print(f"\ninterrupted: {_resume_hint}", file=sys.stderr)
+    sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): each rank holds a shard of the batch; these combine the shards.
+# ---------------------------------------------------------------------------------------------
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))  # set by torchrun
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x over ranks (x itself in one process)."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def gather(x: torch.Tensor | list) -> torch.Tensor | list:
+    """Concatenate a small tensor (along dim 0) or a list over ranks, in rank order."""
+    if world_size() == 1:
+        return x
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    return torch.cat(parts).to(x.device) if isinstance(x, torch.Tensor) else [v for part in parts for v in part]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the entries where mask is 1. Under DDP each rank divides its own sum by the
+    mean count over ranks, so that the mean of this value over ranks (what DDP does to gradients,
+    and all_mean to statistics) is the mean over every rank's entries."""
+    return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1)
+
+
+def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Wrap a trainable model in DistributedDataParallel under torchrun (unchanged in one process)."""
+    if world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading models, tokenizers and datasets.
+# ---------------------------------------------------------------------------------------------
 
 
 def _check_exists(name_or_path: str, hint: str) -> None:
     """Fail early on a local path that does not exist; anything else may be a hub id."""
-    if os.path.exists(os.path.expanduser(name_or_path)):
-        return
-    if name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1:  # hub ids: "gpt2", "org/name"
+    if not os.path.exists(os.path.expanduser(name_or_path)) and (
+            name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1):
         fail(f"{name_or_path} not found: {hint}")
 
 
@@ -257,61 +168,55 @@ def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
     """Tokenizer for `toy`, a hub id or a local directory, with a pad token and left padding."""
     if name_or_path == TOY:
         return toy_tokenizer()
-    from transformers import AutoTokenizer
-
     _check_exists(name_or_path, hint)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # noqa: BLE001 (a missing, corrupt or unknown tokenizer: all the user's to fix)
         fail(f"cannot load a tokenizer from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
-    if tokenizer.pad_token is None:  # e.g. GPT-2, Pythia: we always mask, so EOS can double as pad
+    if tokenizer.eos_token is None:
+        fail(f"the tokenizer of {name_or_path} has no EOS token, which ends every response: set eos_token")
+    if tokenizer.pad_token is None:  # e.g. GPT-2, Pythia, Llama: we always mask, so EOS can double as pad
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
 
 
 def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id"):
-    """A causal LM (kind="causal") or a scalar-head sequence classifier (kind="score").
+    """A causal LM (kind="causal") or a scalar-head sequence classifier (kind="score"), dropout off
+    (N+ detail: dropout would make PPO's ratios noisy, and both scores of a preference pair differ).
 
-    `toy` builds a fresh toy model. A "score" model loaded from a causal LM gets a new head, which
-    we zero-initialize so that its first outputs are 0 (N+ detail for a fresh value model)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    A "score" model loaded from a causal LM gets a new head, zero-initialized so that its first
+    outputs are 0 (N+ detail for a fresh value model)."""
     if name_or_path == TOY:
         model = toy_model(tokenizer, kind)
-        if kind == "score":
-            torch.nn.init.zeros_(model.score.weight)
-        return model
-    _check_exists(name_or_path, hint)
-    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    extra = {} if kind == "causal" else {"num_labels": 1}
-    verbosity = transformers.utils.logging.get_verbosity()
-    try:
-        config = transformers.AutoConfig.from_pretrained(name_or_path)
-        new_head = kind == "score" and not any("Classification" in a for a in config.architectures or [])
-        if new_head:  # the "score.weight missing" load report is expected here: keep stderr quiet
-            transformers.utils.logging.set_verbosity_error()
-        model = cls.from_pretrained(name_or_path, **extra)
-    except (OSError, ValueError) as e:
-        fail(f"cannot load a model from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
-    finally:
-        transformers.utils.logging.set_verbosity(verbosity)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if new_head:
+    else:
+        _check_exists(name_or_path, hint)
+        cls = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # a new score head's "weights missing" report is expected
+        try:
+            model = cls.from_pretrained(name_or_path, **({"num_labels": 1} if kind == "score" else {}))
+        except Exception as e:  # noqa: BLE001 (missing, truncated or corrupt weights: the user's to fix)
+            fail(f"cannot load a model from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if kind == "score" and "Classification" not in str(getattr(model.config, "architectures", None)):
         torch.nn.init.zeros_(model.score.weight)
         if getattr(model.score, "bias", None) is not None:
             torch.nn.init.zeros_(model.score.bias)
-    return model
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (N+ detail: dropout makes PPO's ratios noisy): the
-    nn.Dropout modules, and the plain float that attention layers of Llama, Qwen or Mistral keep."""
-    for module in model.modules():
+    for module in model.modules():  # nn.Dropout, and the plain float kept by Llama-style attention
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+    return model
+
+
+def max_positions(model) -> int:
+    """How many positions the model can attend to (prompt + response must fit)."""
+    config = unwrap(model).config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31
 
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -367,34 +272,41 @@ def standardize_row(row: dict, tokenizer) -> dict:
 
 FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (HH-RLHF)",
            "messages", "query/responses/scores (RRHF)")
-NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"),
-         "prompts": ("prompt",)}
+NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
 
 
 def _load_splits(name: str, config: str | None):
-    """A DatasetDict from `toy`-less sources: a save_to_disk folder, a data file, or the hub."""
-    import datasets
-
+    """A DatasetDict from a save_to_disk folder, a .json/.jsonl/.parquet file, or the hub."""
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     if name.endswith((".json", ".jsonl", ".parquet")):
         if not os.path.exists(name):
             fail(f"dataset file {name} not found")
+        if name.endswith((".json", ".jsonl")):  # name the line of a malformed row, which datasets does not
+            with open(name) as f:
+                lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+            for i, line in lines if name.endswith(".jsonl") else []:
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"dataset file {name}, line {i}: not valid JSON ({e.msg})")
+            if not lines:
+                fail(f"dataset file {name} is empty")
         return datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name)
     return datasets.load_dataset(name, config)
 
 
 def load_data(name: str, stage: str, tokenizer, config: str | None = None, train_split: str = "train",
               test_split: str = "test", test_rows: int = 256, max_train_rows: int | None = None):
-    """Load train and test rows standardized for a stage: "sft" (prompt, completion), "preference"
+    """Train and test rows standardized for a stage: "sft" (prompt, completion), "preference"
     (prompt, chosen, rejected[, margin]) or "prompts" (prompt[, completion]).
 
     `name` is `toy`, a hub id, a .json/.jsonl/.parquet file or a `save_to_disk` folder. Without a
     test split, the last `test_rows` rows of the train split (at most half of it) are held out."""
     try:
         splits = toy_dataset(stage) if name == TOY else _load_splits(name, config)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 (unreadable data: the user's to fix)
         fail(f"cannot load dataset {name} ({str(e).splitlines()[0]})")
     if train_split not in splits:
         fail(f"dataset {name} has no split {train_split!r} (it has {list(splits)}): pass --dataset_train_split")
@@ -404,11 +316,12 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
     else:  # hold out the last rows, at most half of a small dataset
         held_out = min(test_rows, len(train) // 2)
         if held_out == 0:
-            fail(f"dataset {name} has {len(train)} rows in {train_split!r}: too few to hold some out for evaluation")
+            fail(f"dataset {name} has {len(train)} rows in split {train_split!r}: too few to train and evaluate")
         test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
+    if len(test) == 0:
+        fail(f"dataset {name} has an empty {test_split!r} split: pass another --dataset_test_split")
     test = test.select(range(min(test_rows, len(test))))
-    if max_train_rows is not None:
-        train = train.select(range(min(max_train_rows, len(train))))
+    train = train.select(range(min(max_train_rows or len(train), len(train))))
     return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
 
 
@@ -436,20 +349,26 @@ def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[
     return ids + [tokenizer.eos_token_id] if add_eos else ids
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Each prompt's token ids, left-truncated to its last `max_tokens` (the end of a prompt is what
+    a response continues), so that prompt + response fit the model's positions; says how many."""
+    if max_tokens < 1:
+        fail(f"the model has no positions left for a prompt: lower --max_new_tokens below {max_tokens + max_tokens}")
+    queries = [encode_prompt(tokenizer, p) for p in prompts]
+    if cut := sum(len(q) > max_tokens for q in queries):
+        print(f"note: {cut} of {len(queries)} prompts are longer than {max_tokens} tokens and lose their start")
+    return [q[-max_tokens:] for q in queries]
+
+
 # ---------------------------------------------------------------------------------------------
-# Batching, log-probs, generation, scoring.
+# Padding, log-probs, generation, scores.
 # ---------------------------------------------------------------------------------------------
 
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists into (batch, max_len) ids and attention mask; "left" for generation."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], True, pad_id, side)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], True, 0, side)
     return ids, mask
 
 
@@ -482,10 +401,8 @@ def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, c
 
 def truncate_after_eos(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask (B, R) of response tokens up to and including the first EOS; and (B,) whether one came."""
-    is_eos = responses == eos_id
-    ended = is_eos.any(-1)
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    return (~after_eos).long(), ended
+    is_eos = (responses == eos_id).long()
+    return ((is_eos.cumsum(-1) - is_eos) == 0).long(), is_eos.bool().any(-1)
 
 
 @torch.no_grad()
@@ -494,58 +411,104 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     """Sample responses for left-padded queries (B, Q), reusing the KV cache.
 
     Returns responses (B, R) right-padded with pad (R <= max_new_tokens: generation stops once
-    every row has ended), response_mask (B, R) up to and including the
-    first EOS, ended (B,) bool (an EOS came before the length limit), and the generation's scores
-    (B, R, V): the raw logits, from which old log-probs can be read without another forward pass."""
-    from transformers import GenerationConfig
-
+    every row has ended), response_mask (B, R) up to and including the first EOS, ended (B,) bool
+    (an EOS came before the length limit), and the generation's logits (B, R, V), from which the
+    old log-probs can be read without another forward pass."""
     # Sample from softmax(logits / T) and nothing else: a hub model's own generation config may add
     # a repetition penalty, banned n-grams or suppressed tokens, and samples from that distribution
     # would not match the log-probs we compute. So generate() gets a config with only our settings.
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, **sampling)
-    saved, model.generation_config = model.generation_config, config
-    try:
-        out = model.generate(input_ids=queries, attention_mask=query_mask, return_dict_in_generate=True,
-                             output_logits=True)
-    finally:
-        model.generation_config = saved
+    config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                           eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
+                                           output_logits=True, **sampling)
+    out = unwrap(model).generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
     responses = out.sequences[:, queries.shape[1]:]
     response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     return responses, response_mask, ended, torch.stack(out.logits, 1)
 
 
-def token_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Scalar head output at every position of a sequence-classification model (a reward or value
-    model). ids, mask (B, T) -> (B, T). We skip the model's own pooling, which finds the last token
-    by searching for the pad id and so breaks when pad == EOS or with left padding."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
-    return model.score(hidden.last_hidden_state).squeeze(-1).float()
+class TokenScores(torch.nn.Module):
+    """The scalar head of a sequence-classification model (a reward or value model) at every
+    position: ids, mask (B, T) -> scores (B, T). It skips transformers' own pooling, which finds the
+    last token by searching for the pad id and so breaks when pad == EOS or with left padding; and it
+    is a module, so that DDP can wrap it."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.classifier.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        return self.classifier.score(hidden.last_hidden_state).squeeze(-1).float()
 
 
-def last_token_scores(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def last_token_scores(model: TokenScores, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Score of each sequence read at its last real token (EOS), for left or right padding. -> (B,)"""
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # index of the last 1 in each row
-    return token_scores(model, ids, mask)[torch.arange(len(ids)), last]
+    return model(ids, mask)[torch.arange(len(ids)), last]
+
+
+def retokenize(prompts: list[str], responses: torch.Tensor, response_mask: torch.Tensor, tokenizer,
+               other_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + response ids for a model with another tokenizer (say, a reward model): decoded to
+    text and encoded its way, right-padded, with its EOS only where the response ended with one."""
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).tolist()
+    return pad([encode_prompt(other_tokenizer, p) + encode_completion(other_tokenizer, t, add_eos=e)
+                for p, t, e in zip(prompts, texts, ended)], other_tokenizer.pad_token_id)
+
+
+def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Number of response tokens excluding EOS. (B, R) -> (B,)"""
+    return response_mask.sum(-1) - ((responses == eos_id) & (response_mask == 1)).any(-1).long()
+
+
+def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible
+    (for example `<pad>` sampled mid-response), so that the toy gold reward sees them as malformed."""
+    keep = (response_mask == 1) & (responses != tokenizer.eos_token_id)
+    return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[list[int]], score_fn,
+             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, batch_size: int = 64,
+             seed: int = 0) -> tuple[dict, list[dict]]:
+    """Evaluate a policy on held-out prompts: mean score, KL to the reference (sum over response
+    tokens of log pi - log pi_ref, on the policy's samples), length and EOS rate. Returns (metrics,
+    samples), one sample dict per prompt. Each rank takes every world_size-th prompt; the samples
+    are gathered. Sampling uses its own seed and leaves the training RNG as it was, so that two
+    evaluations differ by their policies, not by sampling noise.
+
+    score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) scores."""
+    device = next(policy.parameters()).device
+    unwrap(policy).eval()
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + rank())
+        for i in range(rank() * batch_size, len(prompts), world_size() * batch_size):
+            batch_prompts = prompts[i:i + batch_size]
+            query_ids, query_mask = (t.to(device) for t in pad(queries[i:i + batch_size], tokenizer.pad_token_id, "left"))
+            with autocast(device):
+                responses, response_mask, ended, logits = generate(policy, query_ids, query_mask, tokenizer,
+                                                                   max_new_tokens, temperature, greedy)
+                ids, mask = torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1)
+                ref_logprobs, _ = response_logprobs(ref_policy, ids, mask, query_ids.shape[1], temperature)
+                scores = score_fn(batch_prompts, query_ids, query_mask, responses, response_mask)
+            kl = ((logprobs_from_logits(logits, responses, temperature) - ref_logprobs) * response_mask).sum(-1)
+            lengths = response_length(responses, response_mask, tokenizer.eos_token_id)
+            for j, (prompt, text) in enumerate(zip(batch_prompts, decode_responses(tokenizer, responses, response_mask))):
+                samples.append({"index": i + j, "prompt": prompt, "response": text, "score": scores[j].item(),
+                                "kl": kl[j].item(), "length": lengths[j].item(), "eos": bool(ended[j])})
+    samples = sorted(gather(samples), key=lambda s: s["index"])
+    metrics = {k: sum(float(s[k]) for s in samples) / len(samples) for k in ("score", "kl", "length", "eos")}
+    return {"reward": metrics["score"], "kl": metrics["kl"], "length": metrics["length"], "eos_rate": metrics["eos"]}, samples
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: seeding, devices, progress, metric logging, atomic saving.
+# Precision, progress, and the run folder: metrics, checkpoints, the final model.
 # ---------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def autocast(device: torch.device):
@@ -554,77 +517,15 @@ def autocast(device: torch.device):
 
 
 def progress(iterable=None, **kwargs):
-    """A progress bar on stderr (disabled when stderr is not a terminal, e.g. in tests and logs)."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
-
-
-class Logger:
-    """One stdout line per logged step, `metrics.jsonl` in the run directory, optional TensorBoard
-    (if installed) and Weights & Biases (`--track`)."""
-
-    def __init__(self, output_dir: str, args, track: bool = False, project: str = "minrlhf"):
-        self.path = Path(output_dir)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path / "metrics.jsonl", "w")  # noqa: SIM115 (open for the whole run)
-        self.start = time.time()
-        self.tb = self.wandb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.path / "tb"))
-        except ImportError:
-            pass
-        if track:
-            import wandb
-            self.wandb = wandb.init(project=project, config=asdict(args), name=self.path.name)
-
-    def log(self, metrics: dict, step: int, quiet: bool = False) -> None:
-        metrics = {"step": step, "time": round(time.time() - self.start, 2),
-                   **{k: float(v) if isinstance(v, (torch.Tensor, np.floating)) else v
-                      for k, v in metrics.items()}}
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        if not quiet:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in metrics.items()), flush=True)
-        for k, v in metrics.items():
-            if self.tb and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:  # W&B's own step must only increase: ppo_max.py's warmup logs steps below 0
-            self.wandb.log(metrics)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
+    """A progress bar on stderr of rank 0, when stderr is a terminal (tqdm's disable=None)."""
+    return tqdm(iterable, disable=None if rank() == 0 else True, dynamic_ncols=True, **kwargs)
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write JSON atomically: to a temporary name, then rename over the old file."""
+    """Write JSON (a dict, or a list as JSON lines) atomically: to a temporary name, then renamed."""
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text("".join(json.dumps(o) + "\n" for o in obj) if isinstance(obj, list) else json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def save_run(output_dir: str, model, tokenizer, args, summary: dict | None = None) -> None:
-    """Save model + tokenizer (save_pretrained), args.json and summary.json into output_dir.
-
-    The model goes to a temporary folder that replaces the old files only once fully written, so
-    an interrupted save never destroys the previous checkpoint."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".saving"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-    write_json(out / "args.json", asdict(args))
-    if summary is not None:
-        write_json(out / "summary.json", summary | {"peak_memory_mb": round(peak_memory_mb(), 1),
-                                                    "wall_time": round(time.time() - _START, 1)})
 
 
 def peak_memory_mb() -> float:
@@ -635,134 +536,271 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+class Run:
+    """A run folder, written by rank 0 alone: one stdout line per logged step, metrics.jsonl,
+    TensorBoard (if installed) and W&B (--track); checkpoints; the final model, samples and summary.
+
+    `state` names what a checkpoint holds besides the RNGs and the loop's own values: the trainable
+    models, the optimizer and the scheduler (anything with state_dict and load_state_dict). With
+    --resume they are loaded here, and `resumed` holds the loop's values saved with them."""
+
+    def __init__(self, args, state: dict):
+        self.args, self.state, self.dir = args, state, Path(args.output_dir)
+        self.checkpoint, self.start = self.dir / "checkpoint.pt", time.time()
+        self.main, self.resumed, offset = rank() == 0, None, 0
+        if args.resume:
+            saved = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+            for name, obj in state.items():
+                unwrap(obj).load_state_dict(saved[name])
+            mine = saved["rng"][rank()]
+            random.setstate(mine["python"])
+            np.random.set_state(mine["numpy"])
+            torch.set_rng_state(mine["torch"])
+            if mine["cuda"] is not None:
+                torch.cuda.set_rng_state_all(mine["cuda"])
+            self.resumed, offset = saved["loop"], saved["metrics_offset"]
+        self.tb = self.wandb = None
+        if not self.main:
+            return
+        if not args.resume:  # --overwrite: setup() let only an empty folder or a whole run through
+            shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+        shutil.rmtree(self.dir / ".saving", ignore_errors=True)  # leftovers of a save cut short
+        self.metrics = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
+        self.metrics.truncate(offset)  # lines logged after the checkpoint are dropped
+        write_json(self.dir / "args.json", asdict(args) | {"world_size": world_size()})
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=self.resumed["step"] + 1 if args.resume else None)
+        except ImportError:
+            pass
+        if args.track:
+            import wandb
+            self.wandb = wandb.init(project="minrlhf", config=asdict(args), name=self.dir.name)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Average each metric over ranks; rank 0 prints one line and appends it to metrics.jsonl."""
+        keys = [k for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))]
+        means = all_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+        metrics = {"step": step, "time": round(time.time() - self.start, 2)} | metrics | {
+            k: round(v) if isinstance(metrics[k], int) else v for k, v in zip(keys, means.tolist())}
+        if not self.main:
+            return
+        self.metrics.write(json.dumps(metrics) + "\n")
+        self.metrics.flush()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                       if not isinstance(v, dict)), flush=True)
+        for k, v in metrics.items():
+            if self.tb and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:  # W&B counts its own steps (ppo_max.py's critic warm-up logs steps below 0)
+            self.wandb.log(metrics)
+
+    def check_finite(self, step: int, **values: torch.Tensor) -> None:
+        """The divergence guard: stop at the first non-finite loss or gradient norm, with a one-line
+        error and exit status 1, before the bad update reaches a checkpoint or the saved model."""
+        for name, value in values.items():
+            if not torch.isfinite(value).all():
+                kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists() else "no checkpoint was written"
+                print(f"error: step {step}: {name} is {value.float().max().item()}: training diverged "
+                      f"(is --learning_rate too high?); {kept}", file=sys.stderr)
+                sys.exit(1)
+
+    def save(self, step: int, **loop) -> None:
+        """Write a checkpoint: the `state` objects, every rank's RNG states, the loop's own values
+        (data order, controllers, the step) and where metrics.jsonl ends. Atomic: a temporary file
+        renamed over the last one, so a kill at any moment leaves a whole checkpoint."""
+        rngs = gather([_rng_state()])
+        if self.main:
+            tmp = self.dir / "checkpoint.pt.tmp"
+            torch.save({name: unwrap(obj).state_dict() for name, obj in self.state.items()} |
+                       {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()}, tmp)
+            os.replace(tmp, self.checkpoint)
+        global _resume_hint
+        _resume_hint = f"the last checkpoint (step {step}) is {self.checkpoint}; " + _resume_hint.split("; ")[-1]
+
+    def finish(self, model, tokenizer, summary: dict, **samples: list[dict]) -> None:
+        """Save the model and tokenizer (save_pretrained, via a temporary folder so that a kill never
+        leaves a half-written model), each list of samples as <name>.jsonl, then summary.json: a
+        folder with a summary.json holds a finished run."""
+        model = unwrap(model)
+        for name, param in model.named_parameters():
+            self.check_finite("final", **{f"parameter {name}": param.detach()})
+        if self.main:
+            tmp = self.dir / ".saving"
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                os.replace(f, self.dir / f.name)
+            tmp.rmdir()
+            for name, rows in samples.items():
+                write_json(self.dir / f"{name}.jsonl", rows)
+            write_json(self.dir / "summary.json", summary | {
+                "world_size": world_size(), "peak_memory_mb": round(peak_memory_mb(), 1),
+                "wall_time": round(time.time() - self.start, 1)})
+            print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
+            self.metrics.close()
+            if self.tb:
+                self.tb.close()
+            if self.wandb:
+                self.wandb.finish()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------
-# RL: rewards for sampled responses, and evaluation of a policy on held-out prompts.
+# Part 2. The toy world: a word-level grammar of movie reviews with a known gold reward. A copier
+# drops this section, and the `toy` branches of the scripts with it.
 # ---------------------------------------------------------------------------------------------
 
+TOY = "toy"
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+NOUNS = ("movie film plot story acting cast ending music script dialogue pacing soundtrack director camera "
+         "humor villain hero scenery costumes effects sequel finale characters editing writing lighting").split()
+ADJECTIVES = {  # valence of each adjective, -2 .. +2
+    **dict.fromkeys("great amazing wonderful brilliant superb excellent fantastic beautiful stunning".split(), 2.0),
+    **dict.fromkeys("good fun nice charming solid clever enjoyable pleasant".split(), 1.0),
+    **dict.fromkeys("okay fine average ordinary predictable long short".split(), 0.0),
+    **dict.fromkeys("bad poor boring slow weak bland silly dull messy mediocre confusing".split(), -1.0),
+    **dict.fromkeys("awful terrible horrible dreadful painful".split(), -2.0),
+}
+VERBS = {  # past tense -> (base form, valence)
+    "loved": ("love", 2.0), "adored": ("adore", 2.0), "liked": ("like", 1.0), "enjoyed": ("enjoy", 1.0),
+    "watched": ("watch", 0.0), "disliked": ("dislike", -1.0), "hated": ("hate", -2.0), "regretted": ("regret", -2.0),
+}
+INTENSIFIERS = {"very": 1.5, "really": 1.5, "truly": 1.5, "extremely": 2.0, "quite": 1.2,
+                "somewhat": 0.5, "slightly": 0.5}
+ADVERBS = {"really": 1.5, "truly": 1.5, "honestly": 1.0, "mostly": 0.5}
+VALENCE = {**ADJECTIVES, **{past: v for past, (_, v) in VERBS.items()}, **{base: v for base, v in VERBS.values()}}
+MULTIPLIER = {**INTENSIFIERS, **ADVERBS}
+NEGATION = -0.5  # "not great" is mildly negative, "not bad" mildly positive
 
-def make_reward_fn(kind: str, tokenizer, device: torch.device, reward_model_path: str | None = None,
-                   target_length: int = 20):
-    """A function scoring a batch of responses, for `--reward model|gold|length`:
+# A sentence form is a list of slots; a slot is a word or a tuple of choices ("" = skip it).
+_ADJ_PHRASE = [("", "", "not"), ("", "") + tuple(INTENSIFIERS), tuple(ADJECTIVES), "."]
+SENTENCE_FORMS = [["the", tuple(NOUNS), "was", *_ADJ_PHRASE], ["it", "was", *_ADJ_PHRASE]]
+for _object in (["it"], ["the", tuple(NOUNS)]):
+    SENTENCE_FORMS += [["i", ("", "", "") + tuple(ADVERBS), tuple(VERBS), *_object, "."],
+                       ["i", "did", "not", tuple(b for b, _ in VERBS.values()), *_object, "."]]
 
-        reward_fn(prompts, queries, query_mask, responses, response_mask) -> scores (B,)
+def _grammatical_sentences() -> dict[tuple[str, ...], float]:
+    """Every sentence the forms produce (about 19k, so checking grammar is a dict lookup), with its
+    valence: the sentiment word's valence times each intensifier or adverb, times NEGATION for "not"."""
+    table = {}
+    for form in SENTENCE_FORMS:
+        for words in itertools.product(*[(slot,) if isinstance(slot, str) else slot for slot in form]):
+            sentence = tuple(w for w in words if w)
+            value = next(VALENCE[w] for w in sentence if w in VALENCE)
+            for w in sentence:
+                value *= MULTIPLIER.get(w, 1.0) * (NEGATION if w == "not" else 1.0)
+            table[sentence] = value
+    return table
 
-    prompts: list of B prompt strings; queries, query_mask (B, Q) left-padded; responses (B, R); response_mask
-    (B, R) up to and including the first EOS. `model` reads a Bradley-Terry reward model at the
-    last real token; if its tokenizer differs from the policy's, the text is decoded and re-encoded
-    for it. `gold` is the toy world's gold reward. `length` is 1 - |n/N - 1|, n excluding EOS."""
-    if kind == "gold":
-        def reward_fn(prompts, queries, query_mask, responses, response_mask):
-            texts = decode_responses(tokenizer, responses, response_mask)
-            return torch.tensor([gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
-    elif kind == "length":
-        def reward_fn(prompts, queries, query_mask, responses, response_mask):
-            return length_reward(response_length(responses, response_mask, tokenizer.eos_token_id), target_length)
-    elif kind == "model":
-        hint = "run `python reward_model.py` first or pass --reward_model_path"
-        rm_tokenizer = load_tokenizer(reward_model_path, hint)
-        reward_model = load_model(reward_model_path, rm_tokenizer, "score", hint).to(device).eval()
-        reward_model.requires_grad_(False)
-        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+SENTENCE_VALENCE = _grammatical_sentences()
+TOY_WORDS = sorted({w for sentence in SENTENCE_VALENCE for w in sentence})
 
-        @torch.no_grad()
-        def reward_fn(prompts, queries, query_mask, responses, response_mask):
-            if same_vocab:
-                ids = torch.cat([queries, responses], 1)
-                mask = torch.cat([query_mask, response_mask], 1)
-            else:  # different tokenizers: go through text (TRL refuses this case)
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).tolist()
-                seqs = [encode_prompt(rm_tokenizer, p) + encode_completion(rm_tokenizer, t, add_eos=e)
-                        for p, t, e in zip(prompts, texts, ended)]  # EOS only where the policy ended
-                ids, mask = pad(seqs, rm_tokenizer.pad_token_id, side="right")
-                ids, mask = ids.to(device), mask.to(device)
-            with autocast(device):
-                return last_token_scores(reward_model, ids, mask)
-    else:
-        fail(f"unknown --reward {kind}: use model, gold or length")
-    return reward_fn
+def _sample_sentence(rng: random.Random, prefix: list[str]) -> list[str] | None:
+    """Sample one sentence whose first words are `prefix` (None if the chosen form cannot match)."""
+    words = []
+    for slot in rng.choice(SENTENCE_FORMS):
+        choices = (slot,) if isinstance(slot, str) else slot
+        if len(words) < len(prefix):  # forced: keep the prefix's word, or skip an optional slot
+            want = prefix[len(words)]
+            choices = (want,) if want in choices else tuple(c for c in choices if c == "")
+            if not choices:
+                return None
+        words += [w] if (w := rng.choice(choices)) else []
+    return words if words[:len(prefix)] == prefix else None  # a skipped slot can miss the prefix
 
+def sample_review(rng: random.Random, prefix: list[str] = ()) -> list[str]:
+    """A review of 1-6 grammatical sentences (a list of words) that starts with `prefix`."""
+    while (words := _sample_sentence(rng, list(prefix))) is None:
+        pass
+    for _ in range(rng.randint(0, 5)):
+        words += _sample_sentence(rng, [])  # with no prefix every form matches
+    return words
 
-def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Number of response tokens excluding EOS. (B, R) -> (B,)"""
-    return response_mask.sum(-1) - ((responses == eos_id) & (response_mask == 1)).any(-1).long()
+def split_sentences(text: str) -> list[list[str]]:
+    """Split text into sentences at "."; a trailing fragment without "." is its own sentence."""
+    sentences = [[]]
+    for w in text.split():
+        sentences[-1].append(w)
+        if w == ".":
+            sentences.append([])
+    return [s for s in sentences if s]
 
+def gold_reward(prompt: str, completion: str) -> float:
+    """The toy world's true reward of a review: the mean valence of its well-formed, distinct
+    sentences, minus 2 per malformed sentence and 1 per repeated sentence."""
+    sentences = [tuple(s) for s in split_sentences(f"{prompt} {completion}")]
+    grammatical = [s for s in sentences if s in SENTENCE_VALENCE]
+    distinct = dict.fromkeys(grammatical)  # first occurrences, in order
+    mean = sum(SENTENCE_VALENCE[s] for s in distinct) / len(distinct) if distinct else 0.0
+    return mean - (2.0 * (len(sentences) - len(grammatical)) + (len(grammatical) - len(distinct)))
 
-@torch.no_grad()
-def evaluate(policy, ref_policy, tokenizer, rows: list[dict], reward_fn, device, max_new_tokens: int,
-             temperature: float = 1.0, batch_size: int = 64, greedy: bool = False,
-             target_length: int | None = None, toy: bool = False, seed: int = 0) -> tuple[dict, list[dict]]:
-    """Evaluate a policy on held-out prompts: mean reward, KL to the reference (sum over response
-    tokens of log pi - log pi_ref, on the policy's samples), length, EOS rate, and on the toy world
-    gold reward and well-formed rate. Returns (metrics, samples) with one sample dict per prompt.
+def well_formed(prompt: str, completion: str) -> float:
+    """Fraction of the review's sentences that are grammatical (0 for an empty review)."""
+    sentences = split_sentences(f"{prompt} {completion}")
+    return sum(tuple(s) in SENTENCE_VALENCE for s in sentences) / max(len(sentences), 1)
 
-    Sampling uses its own fixed seed (the training RNG is left untouched), so evaluations of two
-    policies differ by the policies, not by sampling noise."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return _evaluate(policy, ref_policy, tokenizer, rows, reward_fn, device, max_new_tokens, temperature,
-                         batch_size, greedy, target_length, toy)
+def gold_metrics(samples: list[dict]) -> dict:
+    """Add the gold reward and well-formed rate to each sample (prompt, response); return their means."""
+    for s in samples:
+        s["gold"], s["well_formed"] = gold_reward(s["prompt"], s["response"]), well_formed(s["prompt"], s["response"])
+    return {k: sum(s[k] for s in samples) / len(samples) for k in ("gold", "well_formed")}
 
+def length_reward(n_tokens: torch.Tensor, target: int) -> torch.Tensor:
+    """Golden length reward 1 - |n/N - 1| (Fan et al. 2023; Singhal et al. 2023's LPPO)."""
+    return 1.0 - (n_tokens.float() / target - 1.0).abs()
 
-def _evaluate(policy, ref_policy, tokenizer, rows, reward_fn, device, max_new_tokens, temperature, batch_size,
-              greedy, target_length, toy) -> tuple[dict, list[dict]]:
-    policy.eval()
-    samples = []
-    for i in range(0, len(rows), batch_size):
-        batch = rows[i:i + batch_size]
-        prompts = [r["prompt"] for r in batch]
-        queries, query_mask = pad([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, "left")
-        queries, query_mask = queries.to(device), query_mask.to(device)
-        with autocast(device):
-            responses, response_mask, ended, _ = generate(policy, queries, query_mask, tokenizer,
-                                                          max_new_tokens, temperature, greedy)
-            ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-            logprobs, _ = response_logprobs(policy, ids, mask, queries.shape[1], temperature)
-            ref_logprobs, _ = response_logprobs(ref_policy, ids, mask, queries.shape[1], temperature)
-            scores = reward_fn(prompts, queries, query_mask, responses, response_mask)
-        kl = ((logprobs - ref_logprobs) * response_mask).sum(-1)
-        lengths = response_length(responses, response_mask, tokenizer.eos_token_id)
-        texts = decode_responses(tokenizer, responses, response_mask)
-        for j, prompt in enumerate(prompts):
-            sample = {"prompt": prompt, "response": texts[j], "reward": scores[j].item(), "kl": kl[j].item(),
-                      "length": lengths[j].item(), "eos": bool(ended[j])}
-            if toy:
-                sample["gold"] = gold_reward(prompt, texts[j])
-                sample["well_formed"] = well_formed(prompt, texts[j])
-            samples.append(sample)
-    metrics = {k: sum(float(s[k]) for s in samples) / len(samples)
-               for k in ("reward", "kl", "length", "eos", "gold", "well_formed") if k in samples[0]}
-    metrics["eos_rate"] = metrics.pop("eos")
-    if target_length:
-        metrics["length_error"] = sum(abs(s["length"] - target_length) for s in samples) / len(samples) / target_length
-        metrics["within_10pct"] = sum(abs(s["length"] - target_length) <= 0.1 * target_length
-                                      for s in samples) / len(samples)
-    return metrics, samples
+def toy_tokenizer():
+    """Word-level tokenizer over the toy vocabulary, as a transformers fast tokenizer that prepends <bos>."""
+    vocab = {w: i for i, w in enumerate([PAD, BOS, EOS, UNK] + TOY_WORDS)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = tokenizers.processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
+                                                eos_token=EOS, unk_token=UNK, padding_side="left")
 
+def toy_model(tokenizer, kind: str = "causal"):
+    """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off: a causal
+    LM, or with kind="score" a scalar-head classifier."""
+    # "gelu" (one fused op), not GPT-2's "gelu_new" (eight): ~20% faster forward/backward on a CPU, same quality
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=4, n_head=4, activation_function="gelu",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
+    # seeded from seed_everything's seed, not the RNG's state, so a run's policy and reference start equal
+    with torch.random.fork_rng():
+        torch.manual_seed(torch.initial_seed())
+        return auto.from_config(config)
 
-def print_samples(samples: list[dict], n: int = 5) -> None:
-    """A small table of sample responses with their scores."""
-    for s in samples[:n]:
-        extra = f" gold={s['gold']:+.2f}" if "gold" in s else ""
-        print(f"  reward={s['reward']:+.2f}{extra} len={s['length']:>2} | {s['prompt']} || {s['response']}")
+@functools.cache
+def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256, k: float = 2.0, c: float = 0.1):
+    """Deterministic toy datasets in TRL's formats. "sft", "prompts": prompt (a review's first 2-4 words),
+    completion (the rest). "preference": prompt, chosen, rejected, gold_chosen_better: two reviews labeled by
+    an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)): noisy, and partial to length."""
+    rng = random.Random(f"{kind}-{seed}")
 
+    def row() -> dict:
+        review = sample_review(rng)
+        cut = rng.randint(2, min(4, len(review) - 1))
+        prompt, a = " ".join(review[:cut]), review[cut:]
+        if kind != "preference":
+            return {"prompt": prompt, "completion": " ".join(a)}
+        b = sample_review(rng, review[:cut])[cut:]
+        ga, gb = gold_reward(prompt, " ".join(a)), gold_reward(prompt, " ".join(b))
+        # clipped so that exp() cannot overflow for a large k (no effect at the defaults)
+        logit = max(-50.0, min(50.0, k * (ga - gb) + c * (len(a) - len(b))))
+        a_wins = rng.random() < 1 / (1 + math.exp(-logit))
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        return {"prompt": prompt, "chosen": " ".join(chosen), "rejected": " ".join(rejected),
+                "gold_chosen_better": (ga >= gb) == a_wins}
 
-def length_stratified_gain(base_rewards: list[float], base_lengths: list[int], rewards: list[float],
-                           lengths: list[int], bin_width: int = 5) -> dict:
-    """Reward gain not explained by length (Singhal et al. 2023, "A Long Way to Go", WRG/NRG).
-
-    Bucket responses by length (bins of `bin_width` tokens); in each bin holding responses of both
-    the base (SFT) and the trained policy, take the gain mean(reward) - mean(base reward); average
-    those gains weighted by the bin's number of responses. `length_share` is the part of the total
-    gain that the stratified gain does not keep: 1 - stratified / total (near 1: the gain is length)."""
-    bins: dict[int, tuple[list[float], list[float]]] = {}
-    for group, (rs, ls) in enumerate(((base_rewards, base_lengths), (rewards, lengths))):
-        for r, n in zip(rs, ls):
-            bins.setdefault(n // bin_width, ([], []))[group].append(r)
-    shared = [(base, new) for base, new in bins.values() if base and new]
-    weight = sum(len(base) + len(new) for base, new in shared)
-    stratified = sum((len(base) + len(new)) * (sum(new) / len(new) - sum(base) / len(base))
-                     for base, new in shared) / max(weight, 1)
-    total = sum(rewards) / len(rewards) - sum(base_rewards) / len(base_rewards)
-    return {"reward_gain": total, "length_stratified_gain": stratified,
-            "length_share": 1 - stratified / total if total else float("nan")}
+    return datasets.DatasetDict({split: datasets.Dataset.from_list([row() for _ in range(n)])
+                                 for split, n in (("train", n_train), ("test", n_test))})

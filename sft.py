@@ -9,7 +9,6 @@ Train a causal LM on prompt/completion demonstrations with the loss on completio
 
 import math
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +42,9 @@ class Args:
     num_epochs: int = 6
     """passes over the training data"""
     batch_size: int = 64
-    """sequences per optimizer step"""
+    """sequences per optimizer step, over all processes (each takes an equal share)"""
     max_length: int = 128
-    """prompt + completion tokens; longer examples are truncated"""
+    """prompt + completion tokens (at most the model's positions); longer examples are left out"""
     max_train_rows: int | None = None
     """use only the first rows of the training split (quick tests)"""
     eval_every: int = 50
@@ -54,17 +53,27 @@ class Args:
     """held-out rows for the loss and for sampled completions"""
     max_new_tokens: int = 48
     """length limit of sampled completions in the final evaluation"""
+    save_every: int = 200
+    """write a checkpoint every this many optimizer steps"""
+    resume: bool = False
+    """continue the run in --output_dir from its latest checkpoint"""
+    overwrite: bool = False
+    """replace the run in --output_dir"""
 
 
 def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per row; labels are -100 on prompt tokens so only the completion
-    (and its EOS) is learned."""
+    """(input_ids, labels) per row that fits in max_length tokens; labels are -100 on prompt tokens
+    so that only the completion (and its EOS) is learned. Says how many rows did not fit."""
     examples = []
     for row in rows:
         prompt = common.encode_prompt(tokenizer, row["prompt"])
         completion = common.encode_completion(tokenizer, row["completion"])
-        ids = (prompt + completion)[:max_length]
-        examples.append((ids, ([-100] * len(prompt) + completion)[:max_length]))
+        if len(prompt) + len(completion) <= max_length:
+            examples.append((prompt + completion, [-100] * len(prompt) + completion))
+    if len(examples) < len(rows):
+        print(f"note: {len(rows) - len(examples)} of {len(rows)} examples are longer than {max_length} tokens: left out")
+    if not examples:
+        common.fail(f"no example fits in {max_length} tokens: raise --max_length (at most the model's positions)")
     return examples
 
 
@@ -75,90 +84,91 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over completion tokens. logits (B, T, V), labels (B, T) with
-    -100 on prompt and padding. The logit at position t predicts the token at t+1."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Mean next-token cross-entropy over completion tokens (of every process's batch). logits
+    (B, T, V), labels (B, T) with -100 on prompt and padding. The logit at t predicts the token at t+1."""
+    labels = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
+                                               reduction="none")
+    return common.masked_mean(losses, labels != -100)
 
 
 @torch.no_grad()
 def eval_loss(model, examples, pad_id, batch_size, device) -> float:
-    model.eval()
+    """Mean completion loss per token over held-out examples (this process's share of them)."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         ids, mask, labels = (t.to(device) for t in collate(examples[i:i + batch_size], pad_id))
-        n = (labels[:, 1:] != -100).sum().item()
-        total += completion_loss(common.forward(model, ids, mask).logits, labels).item() * n
-        count += n
-    model.train()
+        logits = common.forward(model, ids, mask).logits[:, :-1]
+        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
+                                                   reduction="sum").item()
+        count += (labels[:, 1:] != -100).sum().item()
     return total / max(count, 1)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.require_positive(args, "learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
-                            "eval_rows", "max_new_tokens")
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
+                                      "eval_rows", "max_new_tokens", "save_every", "max_train_rows"))
+    device, rank, world_size = common.setup(args)
+    if args.batch_size % world_size:
+        common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
     tokenizer = common.load_tokenizer(args.model_name_or_path)
-    model = common.load_model(args.model_name_or_path, tokenizer).to(device)
     train_rows, test_rows = common.load_data(args.dataset_name, "sft", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split,
                                              args.eval_rows, args.max_train_rows)
-    train, test = tokenize(train_rows, tokenizer, args.max_length), tokenize(test_rows, tokenizer, args.max_length)
+    model = common.load_model(args.model_name_or_path, tokenizer).to(device)
+    max_length = min(args.max_length, common.max_positions(model))
+    train, test = tokenize(train_rows, tokenizer, max_length), tokenize(test_rows, tokenizer, max_length)
     steps_per_epoch = math.ceil(len(train) / args.batch_size)
     num_steps = args.num_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    logger = common.Logger(args.output_dir, args, args.track)
+    model = common.ddp(model, device)
+    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+    rng, order, start = random.Random(args.seed), [], 1  # the loop's state, fresh or resumed
+    if run.resumed:
+        rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1
     print(f"{len(train)} training examples, {num_steps} steps, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
 
     # ---- training: next-token loss on completion tokens ----
-    model.train()
-    rng = random.Random(args.seed)
-    step, start = 0, time.time()
-    bar = common.progress(total=num_steps, desc="sft")
-    for epoch in range(args.num_epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), args.batch_size):
-            ids, mask, labels = (t.to(device) for t in collate([train[j] for j in order[i:i + args.batch_size]],
-                                                                tokenizer.pad_token_id))
-            with common.autocast(device):
-                loss = completion_loss(common.forward(model, ids, mask).logits, labels)
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update()
-            if step % args.eval_every == 0 or step == num_steps:
-                logger.log({"episode": step * args.batch_size, "epoch": epoch, "loss/train": loss.item(),
-                            "loss/eval": eval_loss(model, test, tokenizer.pad_token_id, args.batch_size, device),
-                            "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-                            "time/train": time.time() - start}, step)
-    bar.close()
+    test_shard = test[rank::world_size]
+    for step in common.progress(range(start, num_steps + 1), desc="sft", initial=start - 1, total=num_steps):
+        i = (step - 1) % steps_per_epoch
+        if i == 0:  # a new epoch: a new order of the examples
+            order = list(range(len(train)))
+            rng.shuffle(order)
+        batch = order[i * args.batch_size:(i + 1) * args.batch_size][rank::world_size]  # this process's share
+        ids, mask, labels = (t.to(device) for t in collate([train[j] for j in batch], tokenizer.pad_token_id))
+        with common.autocast(device):
+            loss = completion_loss(common.forward(model, ids, mask).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        run.check_finite(step, loss=loss, grad_norm=grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if step % args.eval_every == 0 or step == num_steps:
+            run.log({"episode": step * args.batch_size, "epoch": (step - 1) // steps_per_epoch, "loss/train": loss.item(),
+                     "loss/eval": eval_loss(model, test_shard, tokenizer.pad_token_id, args.batch_size, device),
+                     "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}, step)
+        if step % args.save_every == 0 and step < num_steps:
+            run.save(step, rng=rng, order=order)
 
     # ---- evaluation: held-out loss, and sampled completions scored by the toy gold reward ----
-    model.eval()
-    summary = {"eval_loss": eval_loss(model, test, tokenizer.pad_token_id, args.batch_size, device),
-               "train_time": round(time.time() - start, 1)}
+    summary = {"eval_loss": common.all_mean(torch.tensor(
+        eval_loss(model, test_shard, tokenizer.pad_token_id, args.batch_size, device))).item()}
     queries, query_mask = common.pad([common.encode_prompt(tokenizer, r["prompt"]) for r in test_rows],
                                      tokenizer.pad_token_id, side="left")
     with common.autocast(device):
         responses, response_mask, ended, _ = common.generate(model, queries.to(device), query_mask.to(device),
                                                              tokenizer, args.max_new_tokens)
-    texts = common.decode_responses(tokenizer, responses, response_mask)
+    samples = [{"prompt": r["prompt"], "response": t, "demonstration": r["completion"]}
+               for r, t in zip(test_rows, common.decode_responses(tokenizer, responses, response_mask))]
     summary["eos_rate"] = ended.float().mean().item()
     if args.dataset_name == common.TOY:
-        pairs = list(zip([r["prompt"] for r in test_rows], texts))
-        summary["gold"] = sum(common.gold_reward(p, c) for p, c in pairs) / len(pairs)
-        summary["well_formed"] = sum(common.well_formed(p, c) for p, c in pairs) / len(pairs)
+        summary |= common.gold_metrics(samples)
         summary["demo_gold"] = sum(common.gold_reward(r["prompt"], r["completion"]) for r in test_rows) / len(test_rows)
-    for row, text in list(zip(test_rows, texts))[:4]:
-        print(f"  prompt: {row['prompt']!r}\n  sample: {text!r}")
-    print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items()))
-    common.save_run(args.output_dir, model, tokenizer, args, summary)
-    logger.close()
+    for s in samples[:4]:
+        print(f"  prompt: {s['prompt']!r}\n  sample: {s['response']!r}")
+    run.finish(model, tokenizer, summary, samples=samples)
