@@ -72,12 +72,11 @@ def setup(args) -> tuple[torch.device, int, int]:
         fail(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     if out.is_dir() and not holds_run and any(not p.name.startswith(".") for p in out.iterdir()):
         fail(f"{out} holds files that are not a run: choose another --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f".write-test-{os.getpid()}").touch()
-        (out / f".write-test-{os.getpid()}").unlink()
-    except OSError as e:
-        fail(f"cannot write to --output_dir {out}: {e.strerror}")
+    parent = out
+    while not parent.exists():  # the folder is made only when the run starts writing
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"cannot write to --output_dir {out}: {parent} is not a writable folder")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     if device not in ("cpu", "cuda"):
         fail(f"--device {args.device}: use auto, cpu or cuda")
@@ -88,7 +87,7 @@ def setup(args) -> tuple[torch.device, int, int]:
         if device == "cuda":
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
     transformers.set_seed(args.seed + rank * 100003)
     global _resume_hint
     _resume_hint = f"resume with: python {' '.join(a for a in sys.argv if a != '--overwrite')}" + \
@@ -138,7 +137,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x over the entries where mask is 1. Under DDP each rank divides its own sum by the
     mean count over ranks, so that the mean of this value over ranks (what DDP does to gradients,
     and all_mean to statistics) is the mean over every rank's entries."""
-    return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1)
+    return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1 / world_size())
 
 
 def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -215,7 +214,7 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
 
 def max_positions(model) -> int:
     """How many positions the model can attend to (prompt + response must fit)."""
-    config = unwrap(model).config
+    config = getattr(unwrap(model), "classifier", unwrap(model)).config  # a TokenScores holds a classifier
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31
 
 
@@ -318,8 +317,8 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
         if held_out == 0:
             fail(f"dataset {name} has {len(train)} rows in split {train_split!r}: too few to train and evaluate")
         test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
-    if len(test) == 0:
-        fail(f"dataset {name} has an empty {test_split!r} split: pass another --dataset_test_split")
+    if len(train) == 0 or len(test) == 0:
+        fail(f"dataset {name} has an empty {train_split if len(train) == 0 else test_split!r} split")
     test = test.select(range(min(test_rows, len(test))))
     train = train.select(range(min(max_train_rows or len(train), len(train))))
     return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
@@ -353,9 +352,9 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[
     """Each prompt's token ids, left-truncated to its last `max_tokens` (the end of a prompt is what
     a response continues), so that prompt + response fit the model's positions; says how many."""
     if max_tokens < 1:
-        fail(f"the model has no positions left for a prompt: lower --max_new_tokens below {max_tokens + max_tokens}")
+        fail(f"--max_new_tokens leaves {max_tokens} of the model's positions to the prompt: lower it")
     queries = [encode_prompt(tokenizer, p) for p in prompts]
-    if cut := sum(len(q) > max_tokens for q in queries):
+    if (cut := sum(len(q) > max_tokens for q in queries)) and rank() == 0:
         print(f"note: {cut} of {len(queries)} prompts are longer than {max_tokens} tokens and lose their start")
     return [q[-max_tokens:] for q in queries]
 
@@ -421,7 +420,12 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                            eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
                                            output_logits=True, **sampling)
-    out = unwrap(model).generate(input_ids=queries, attention_mask=query_mask, generation_config=config)
+    model = unwrap(model)
+    saved, model.generation_config = model.generation_config, config  # generate() would fill gaps from it
+    try:
+        out = model.generate(input_ids=queries, attention_mask=query_mask)
+    finally:
+        model.generation_config = saved
     responses = out.sequences[:, queries.shape[1]:]
     response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
@@ -557,6 +561,8 @@ class Run:
             saved = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
             for name, obj in state.items():
                 unwrap(obj).load_state_dict(saved[name])
+            if len(saved["rng"]) != world_size():
+                fail(f"the checkpoint in {self.dir} was written by {len(saved['rng'])} processes: resume with as many")
             mine = saved["rng"][rank()]
             random.setstate(mine["python"])
             np.random.set_state(mine["numpy"])
@@ -568,11 +574,12 @@ class Run:
         if not self.main:
             return
         if not args.resume:  # --overwrite: setup() let only an empty folder or a whole run through
-            shutil.rmtree(self.dir)
-            self.dir.mkdir(parents=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / ".saving", ignore_errors=True)  # leftovers of a save cut short
         self.metrics = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
         self.metrics.truncate(offset)  # lines logged after the checkpoint are dropped
+        self.metrics.seek(offset)
         write_json(self.dir / "args.json", asdict(args) | {"world_size": world_size()})
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -613,8 +620,9 @@ class Run:
 
     def save(self, step: int, **loop) -> None:
         """Write a checkpoint: the `state` objects, every rank's RNG states, the loop's own values
-        (data order, controllers, the step) and where metrics.jsonl ends. Atomic: a temporary file
-        renamed over the last one, so a kill at any moment leaves a whole checkpoint."""
+        (data order, controllers, the step: rank 0's, so they must be the same on every rank) and where
+        metrics.jsonl ends. Atomic: a temporary file renamed over the last one, so a kill at any
+        moment leaves a whole checkpoint."""
         rngs = gather([_rng_state()])
         if self.main:
             tmp = self.dir / "checkpoint.pt.tmp"
@@ -769,15 +777,16 @@ def toy_tokenizer():
 def toy_model(tokenizer, kind: str = "causal"):
     """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off: a causal
     LM, or with kind="score" a scalar-head classifier."""
-    # "gelu" (one fused op), not GPT-2's "gelu_new" (eight): ~20% faster forward/backward on a CPU, same quality
+    # "gelu" (one fused op), not GPT-2's "gelu_new" (a tanh formula of eight): faster passes on a CPU
     config = transformers.GPT2Config(
         vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=4, n_head=4, activation_function="gelu",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1)
     auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
-    # seeded from seed_everything's seed, not the RNG's state, so a run's policy and reference start equal
+    # seeded from the run's seed, not the RNG's state, so that a run's policy and reference start equal
+    # (setup() gave each rank seed + rank * 100003: the run's seed is the same on every rank)
     with torch.random.fork_rng():
-        torch.manual_seed(torch.initial_seed())
+        torch.manual_seed(torch.initial_seed() - rank() * 100003)
         return auto.from_config(config)
 
 @functools.cache

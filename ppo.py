@@ -375,8 +375,8 @@ if __name__ == "__main__":
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
         if toy:
             texts = common.decode_responses(tokenizer, responses, response_mask)
-            metrics |= {f"gold/{k}": v for k, v in common.gold_metrics(
-                [{"prompt": p, "response": t} for p, t in zip(prompts, texts)]).items()}
+            gold = common.gold_metrics([{"prompt": p, "response": t} for p, t in zip(prompts, texts)])
+            metrics |= {"gold/reward": gold["gold"], "gold/well_formed": gold["well_formed"]}
         run.log(metrics, iteration)
         if iteration % args.eval_every == 0 and iteration < num_iterations:
             evaluate(iteration)

@@ -13,6 +13,7 @@ This file is ppo.py with exactly the PPO-max changes, each marked `# PPO-max:`, 
   samples, and the spread and upper tail of the score distribution (with length and KL, as ppo.py).
 Kept from ppo.py: the token-level KL penalty, value-loss clipping, policy clip 0.2, gradient-norm
 clipping 1.0, GAE with gamma 1 and lambda 0.95, no entropy bonus (the paper does not recommend one).
+Under torchrun every statistic is over the whole batch of all processes, as in ppo.py.
 
     python ppo_max.py                                 # learned reward model (runs/reward_model)
     python ppo_max.py --reward gold                   # the toy world's true reward
@@ -59,9 +60,9 @@ class Args:
     total_episodes: int = 6400
     """number of sampled responses to train on"""
     batch_size: int = 64
-    """prompts (and responses) per PPO iteration"""
-    num_mini_batches: int = 4  # PPO-max: buffer of 64 rollouts in minibatches of 16 (one pass, 4 updates)
-    """minibatches per PPO epoch"""
+    """prompts (and responses) per PPO iteration, over all processes (each takes an equal share)"""
+    num_mini_batches: int = 4  # PPO-max: a buffer of 64 rollouts in minibatches of 16 (one pass, 4 updates)
+    """minibatches per PPO epoch (each process splits its share into this many)"""
     num_ppo_epochs: int = 1  # PPO-max: the experience buffer (one batch of rollouts) is used once
     """optimization epochs over each batch of rollouts"""
     learning_rate: float = 3e-4
@@ -109,10 +110,14 @@ class Args:
     """w_ptx: weight of the pretraining loss, the cross-entropy of the SFT demonstrations"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations"""
-    eval_prompts: int = 128
+    eval_rows: int = 128
     """number of held-out prompts to evaluate on"""
-    length_bin: int = 5
-    """bin width (tokens) of the length-stratified reward gain in the final summary"""
+    save_every: int = 10
+    """write a checkpoint every this many iterations (seconds each on the toy world, minutes on a GPU)"""
+    resume: bool = False
+    """continue the run in --output_dir from its latest checkpoint"""
+    overwrite: bool = False
+    """replace the run in --output_dir"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,14 +125,14 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+masked_mean = common.masked_mean  # mean over the entries where mask is 1, of every process's batch
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; with shift_mean=False the mean is added back."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """(x - mean) / std over the masked entries of the whole batch (all processes); with
+    shift_mean=False the mean is added back."""
+    mean = common.all_mean(masked_mean(x, mask))
+    var = common.all_mean(masked_mean((x - mean) ** 2, mask))
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -190,6 +195,28 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return loss, masked_mean((losses_clipped > losses).float(), response_mask)
 
 
+class AdaptiveKLController:
+    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon), Ziegler et al. 2019."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = max(-0.2, min(0.2, current_kl / self.target - 1))
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+def omit_long(ended: torch.Tensor, *rows):
+    """Replace each rollout without EOS by a random EOS-terminated one of the batch ("omitting long
+    outputs", Singhal et al. 2023), keeping the batch size. ended (B,); rows: tensors or lists of B."""
+    if not ended.any():
+        return rows
+    done = ended.nonzero().squeeze(-1)
+    keep = torch.where(ended, torch.arange(len(ended), device=ended.device),
+                       done[torch.randint(len(done), ended.shape, device=ended.device)])
+    return [r[keep] if isinstance(r, torch.Tensor) else [r[i] for i in keep.tolist()] for r in rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO-max: the new math (Zheng et al. 2023, section 5.4).
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +255,9 @@ def normalize_and_clip_scores(scores: torch.Tensor, mean: float, std: float, cli
 
 def normalize_advantages(advantages: torch.Tensor, response_mask: torch.Tensor,
                          clip: float | None) -> torch.Tensor:
-    """Whiten the advantages over the response tokens of a minibatch, then clip them to +-clip
-    (None: no clipping). advantages, response_mask (B, R) -> (B, R), 0 on padding."""
+    """Whiten the advantages over the response tokens of a minibatch (of every process: masked_whiten
+    is global), then clip them to +-clip (None: no clipping). advantages, response_mask (B, R) -> (B, R),
+    0 on padding."""
     advantages = masked_whiten(advantages, response_mask)
     return advantages if clip is None else advantages.clamp(-clip, clip)
 
@@ -240,12 +268,12 @@ def collapse_monitors(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, respon
     perplexity of the policy on its own samples falls, the reference model's perplexity of the same
     samples rises, and the score distribution grows a long upper tail.
 
-    Perplexity is exp of the mean negative log-prob per response token (pooled over the batch).
-    logprobs, ref_logprobs, response_mask (B, R); scores (B,) raw scores -> dict of floats."""
-    n_tokens = response_mask.sum().clamp(min=1)
+    Perplexity is exp of the mean negative log-prob per response token (pooled over the batch of
+    every process). logprobs, ref_logprobs, response_mask (B, R); scores (N,) the raw scores of the
+    whole batch (gathered over processes) -> dict of floats."""
     p10, p50, p90 = torch.quantile(scores.float(), scores.new_tensor([0.1, 0.5, 0.9]).float()).tolist()
-    return {"monitor/perplexity": torch.exp(-(logprobs * response_mask).sum() / n_tokens).item(),
-            "monitor/ref_perplexity": torch.exp(-(ref_logprobs * response_mask).sum() / n_tokens).item(),
+    return {"monitor/perplexity": torch.exp(-common.all_mean(masked_mean(logprobs, response_mask))).item(),
+            "monitor/ref_perplexity": torch.exp(-common.all_mean(masked_mean(ref_logprobs, response_mask))).item(),
             "monitor/score_std": scores.float().std(unbiased=False).item(),
             "monitor/score_tail": p90 - p50,  # upper tail: 90th percentile minus the median
             "monitor/score_low_tail": p50 - p10}
@@ -253,7 +281,7 @@ def collapse_monitors(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, respon
 
 def ptx_loss(policy, rows: list[dict], tokenizer, device: torch.device) -> torch.Tensor:
     """Pretraining loss: mean cross-entropy of the completion tokens (and EOS) of SFT
-    demonstrations, the prompt being context only, as in sft.py."""
+    demonstrations (of every process's rows), the prompt being context only, as in sft.py."""
     prompts = [common.encode_prompt(tokenizer, row["prompt"]) for row in rows]
     completions = [common.encode_completion(tokenizer, row["completion"]) for row in rows]
     ids, mask = common.pad([p + c for p, c in zip(prompts, completions)], tokenizer.pad_token_id, side="right")
@@ -263,159 +291,174 @@ def ptx_loss(policy, rows: list[dict], tokenizer, device: torch.device) -> torch
     return -masked_mean(logprobs, targets[:, 1:].float())
 
 
-class AdaptiveKLController:
-    """beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon), Ziegler et al. 2019."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = init_kl_coef, target, horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        error = max(-0.2, min(0.2, current_kl / self.target - 1))
-        self.value *= 1 + error * n_steps / self.horizon
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    common.require_positive(args, "batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens",
-                            "eval_every", "target_length")
+    common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
+                                      "learning_rate", "max_new_tokens", "temperature", "kl_target", "kl_horizon",
+                                      "cliprange", "cliprange_value", "max_grad_norm", "eval_every", "eval_rows",
+                                      "target_length", "save_every",
+                                      "reward_clip", "advantage_clip"),  # PPO-max: its new flags
+                      nonnegative=("kl_coef", "gamma", "lam", "vf_coef", "length_penalty",
+                                   "critic_warmup_steps", "ptx_coef"))  # PPO-max: its new flags
+    device, rank, world_size = common.setup(args)
     num_iterations = args.total_episodes // args.batch_size
-    if num_iterations < 1 or args.batch_size % args.num_mini_batches:
-        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, "
-                    f"which must be divisible by --num_mini_batches {args.num_mini_batches}")
-    minibatch_size = args.batch_size // args.num_mini_batches
+    if num_iterations < 1 or args.batch_size % (world_size * args.num_mini_batches):
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, which "
+                    f"must be divisible by {world_size} processes x --num_mini_batches {args.num_mini_batches}")
+    local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
+    minibatch_size = local_batch_size // args.num_mini_batches
     toy = args.dataset_name == common.TOY
 
-    # ---- models: policy, frozen reference, value model, reward function ----
+    # ---- data, and models: policy, frozen reference, reward model, value model ----
     hint = "run `python sft.py` first or pass --sft_model_path"
     tokenizer = common.load_tokenizer(args.sft_model_path, hint)
-    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
-    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).eval()
-    ref_policy.requires_grad_(False)
-    reward_fn = common.make_reward_fn(args.reward, tokenizer, device, args.reward_model_path, args.target_length)
-    # N+: the value model starts from the reward model (it already reads the text's quality), else
-    # from the SFT model with a zero-initialized scalar head. It reads the policy's token ids, so a
-    # reward model with another vocabulary cannot be its start.
-    value_init = args.sft_model_path
-    if args.reward == "model" and common.load_tokenizer(args.reward_model_path).get_vocab() == tokenizer.get_vocab():
-        value_init = args.reward_model_path
-    value_model = common.load_model(value_init, tokenizer, "score").to(device)
-    for model in (policy, value_model):
-        common.disable_dropout(model)  # N+: dropout would make the PPO ratio noisy
-    params = list(policy.parameters()) + list(value_model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl else None
-    score_moments = RunningMoments()  # PPO-max
-
     train_rows, test_rows = common.load_data(args.dataset_name, "prompts", tokenizer, args.dataset_config,
-                                             args.dataset_train_split, args.dataset_test_split, args.eval_prompts)
+                                             args.dataset_train_split, args.dataset_test_split, args.eval_rows)
     if args.ptx_coef:  # PPO-max: the SFT demonstrations for the pretraining loss
         sft_rows, _ = common.load_data(args.dataset_name, "sft", tokenizer, args.dataset_config,
                                        args.dataset_train_split, args.dataset_test_split)
-    logger = common.Logger(args.output_dir, args, args.track)
-    rng = random.Random(args.seed)
-    order: list[int] = []
+    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
+    # prompts are cut from the left so that prompt + response fit the model's positions
+    max_prompt_tokens = common.max_positions(policy) - args.max_new_tokens
+    train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
+    test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
+    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+    value_init = args.sft_model_path
+    if args.reward == "model":
+        hint = "run `python reward_model.py` first or pass --reward_model_path"
+        rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
+        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
+        reward_model = reward_model.to(device).requires_grad_(False)
+        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        # N+: the value model starts from the reward model, which already reads the text's quality
+        # (but it reads the policy's token ids, so only when the two share a vocabulary)
+        value_init = args.reward_model_path if same_vocab else value_init
+    value_model = common.TokenScores(common.load_model(value_init, tokenizer, "score")).to(device)
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, eps=1e-5,
+                                  weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
+    policy, value_model = common.ddp(policy, device), common.ddp(value_model, device)
+    run = common.Run(args, {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scheduler": scheduler})
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
+    score_moments = RunningMoments()  # PPO-max
+    # PPO-max: critic pretraining: iterations -W..-1 train the value model alone (extra rollouts,
+    # outside total_episodes); the policy iterations 1..num_iterations follow. Checkpoints come at steps
+    # that are multiples of --save_every, warm-up steps included, so a run can resume within the warm-up.
+    iterations = [*range(-args.critic_warmup_steps, 0), *range(1, num_iterations + 1)]
+    rng, order, initial, start = random.Random(args.seed), [], None, 0  # PPO-max: start indexes `iterations`
+    if run.resumed:
+        rng, order, kl_ctl, initial, start = (run.resumed[k] for k in ("rng", "order", "kl_ctl", "initial", "step"))
+        start = iterations.index(start) + 1  # PPO-max: the entry after the checkpoint's step
+        score_moments = run.resumed["score_moments"]  # PPO-max
 
-    def run_eval(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
-        metrics, samples = common.evaluate(policy, ref_policy, tokenizer, test_rows, reward_fn, device,
-                                           args.max_new_tokens, args.temperature, greedy=greedy, toy=toy,
-                                           target_length=args.target_length if args.reward == "length" else None)
-        prefix = "eval_greedy/" if greedy else "eval/"
-        logger.log({f"{prefix}{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
+    @torch.no_grad()
+    def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+        """The score of each response (B,): the reward model's, read at the response's last real
+        token, its EOS (N+); or the toy world's gold reward; or the golden length reward."""
+        if args.reward == "gold":
+            texts = common.decode_responses(tokenizer, responses, response_mask)
+            return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
+        if args.reward == "length":
+            n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+            return common.length_reward(n_tokens, args.target_length)
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
+            ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+        with common.autocast(device):
+            return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+
+    def evaluate(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
+        metrics, samples = common.evaluate(policy, ref_policy, tokenizer, [r["prompt"] for r in test_rows],
+                                           test_queries, get_scores, args.max_new_tokens, args.temperature, greedy)
+        if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
+            errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
+            metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
+        if toy:
+            metrics |= common.gold_metrics(samples)
+        run.log({f"eval{'_greedy' if greedy else ''}/{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
         return metrics, samples
 
-    initial_metrics, initial_samples = run_eval(0)
-    common.print_samples(initial_samples)
-    start = time.time()
-    # PPO-max: critic pretraining: iterations -W..-1 train the value model alone (extra rollouts,
-    # outside total_episodes); the policy iterations 1..num_iterations follow.
-    iterations = [*range(-args.critic_warmup_steps, 0), *range(1, num_iterations + 1)]
-    for iteration in common.progress(iterations, desc="ppo_max"):
+    if initial is None:
+        initial = evaluate(0)
+    for iteration in common.progress(iterations[start:], desc="ppo_max", initial=start, total=len(iterations)):
         warmup = iteration < 0  # PPO-max
-        # ---- 1. rollout: sample a response to each prompt of the batch ----
+        # ---- 1. rollout: sample a response to each prompt of this process's share of the batch ----
         t0 = time.time()
         while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
-        batch, order = [train_rows[i] for i in order[:args.batch_size]], order[args.batch_size:]
-        prompts = [row["prompt"] for row in batch]
-        queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts],
-                                         tokenizer.pad_token_id, side="left")
-        queries, query_mask = queries.to(device), query_mask.to(device)
-        policy.eval()
+        batch, order = order[:args.batch_size][rank::world_size], order[args.batch_size:]
+        prompts = [train_rows[i]["prompt"] for i in batch]
+        queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch], tokenizer.pad_token_id, "left"))
         with torch.no_grad(), common.autocast(device):
-            responses, response_mask, ended, gen_logits = common.generate(
-                policy, queries, query_mask, tokenizer, args.max_new_tokens, args.temperature)
+            responses, response_mask, ended, logits = common.generate(policy, queries, query_mask, tokenizer,
+                                                                      args.max_new_tokens, args.temperature)
             # The generation's own logits give the old log-probs: no extra policy forward pass.
-            logprobs = common.logprobs_from_logits(gen_logits, responses, args.temperature)
-            del gen_logits
+            logprobs = common.logprobs_from_logits(logits, responses, args.temperature)
+            del logits
             eos_rate = ended.float().mean().item()  # of the samples, before --omit_long replaces rows
-            if args.omit_long and ended.any():  # train only on rollouts that ended, keeping the batch size
-                ended_rows = ended.nonzero().squeeze(-1)
-                keep = torch.where(ended, torch.arange(len(ended), device=device),
-                                   ended_rows[torch.randint(len(ended_rows), ended.shape, device=device)])
-                queries, query_mask, responses, response_mask, ended, logprobs = (
-                    t[keep] for t in (queries, query_mask, responses, response_mask, ended, logprobs))
-                prompts = [prompts[i] for i in keep.tolist()]
+            if args.omit_long:
+                queries, query_mask, responses, response_mask, ended, logprobs, prompts = omit_long(
+                    ended, queries, query_mask, responses, response_mask, ended, logprobs, prompts)
             t1 = time.time()
 
-            # ---- 2. score, reference log-probs and values of the rollout ----
+            # ---- 2. score the responses; reference log-probs and values of the rollout ----
+            scores = get_scores(prompts, queries, query_mask, responses, response_mask)
             context_len = queries.shape[1]
             query_response = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, response_mask], 1)
             ref_logprobs, _ = common.response_logprobs(ref_policy, query_response, attention_mask, context_len,
                                                        args.temperature)
-            # V(s_t) for the state before response token t is read one position earlier
-            values = common.token_scores(value_model, query_response, attention_mask)[:, context_len - 1:-1]
-            scores = reward_fn(prompts, queries, query_mask, responses, response_mask).float()
-            raw_scores = scores.clone()
-            # PPO-max: normalize with the mean/std of all scores so far (this batch included), clip to
-            # +-delta; the penalties below then count in these normalized units
-            score_moments.update(scores)
-            scores = normalize_and_clip_scores(scores, score_moments.mean, score_moments.std, args.reward_clip)
-            lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
-            if args.length_penalty:
-                scores = scores + args.length_penalty * (1 - lengths / args.target_length)
-            if args.missing_eos_penalty is not None:  # N+ "EOS trick"
-                scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
+            # V(s_t), the value of the state before response token t, is read one position earlier
+            values = value_model(query_response, attention_mask)[:, context_len - 1:-1]
+        raw_scores = scores.float()
+        # PPO-max: normalize with the mean/std of all scores so far (this batch of every process
+        # included), clip to +-delta; the penalties below then count in these normalized units
+        score_moments.update(common.gather(raw_scores))
+        scores = normalize_and_clip_scores(raw_scores, score_moments.mean, score_moments.std, args.reward_clip)
+        lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
+        if args.length_penalty:  # Singhal et al.: sigma * (1 - len/N)
+            scores = scores + args.length_penalty * (1 - lengths / args.target_length)
+        if args.missing_eos_penalty is not None:  # N+ "EOS trick"
+            scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
         response_mask = response_mask.float()
-        logprobs, ref_logprobs = logprobs * response_mask, ref_logprobs * response_mask
-        values = values.float() * response_mask
+        logprobs, ref_logprobs, values = (x.float() * response_mask for x in (logprobs, ref_logprobs, values))
         t2 = time.time()
 
-        # ---- 3. per-token rewards with the KL penalty, and GAE advantages ----
-        kl_coef = kl_ctl.value if kl_ctl else args.kl_coef
+        # ---- 3. per-token rewards with the KL penalty, GAE advantages, the adaptive KL update ----
+        kl_coef = kl_ctl.value
         rewards, kl = kl_penalized_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, response_mask, shift_mean=False)
         advantages, returns = compute_gae(rewards, values, response_mask, args.gamma, args.lam)
+        kl_sum = kl.sum(-1)
+        if args.adaptive_kl and not warmup:  # PPO-max: no policy update, no KL control during critic warm-up
+            kl_ctl.update(common.all_mean(kl_sum.mean()).item(), args.batch_size)
 
         # ---- 4. PPO epochs over shuffled minibatches ----
-        policy.train()
-        value_model.train()
         stats = []
         for _ in range(args.num_ppo_epochs):
-            for mb in torch.randperm(args.batch_size, device=device).split(minibatch_size):
+            for mb in torch.randperm(local_batch_size, device=device).split(minibatch_size):
                 with common.autocast(device):
                     new_logprobs, _ = common.response_logprobs(policy, query_response[mb], attention_mask[mb],
                                                                context_len, args.temperature)
-                    new_values = common.token_scores(value_model, query_response[mb],
-                                                     attention_mask[mb])[:, context_len - 1:-1]
+                    new_values = value_model(query_response[mb], attention_mask[mb])[:, context_len - 1:-1]
                 # PPO-max: advantages whitened per minibatch, then optionally clipped
                 mb_advantages = normalize_advantages(advantages[mb], response_mask[mb], args.advantage_clip)
                 pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], mb_advantages, response_mask[mb],
                                                     args.cliprange)
-                vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), values[mb], returns[mb],
-                                                      response_mask[mb], args.cliprange_value)
+                vf_loss, vf_clipfrac = ppo_value_loss(new_values, values[mb], returns[mb], response_mask[mb],
+                                                      args.cliprange_value)
                 loss = pg_loss + args.vf_coef * vf_loss
                 if warmup:  # PPO-max: critic pretraining: the value loss only, so the policy gets no gradient
                     loss = args.vf_coef * vf_loss
-                elif args.ptx_coef:  # PPO-max: L = L_ppo + w_ptx * CE(SFT demonstrations)
-                    loss = loss + args.ptx_coef * ptx_loss(policy, rng.sample(sft_rows, minibatch_size), tokenizer, device)
+                elif args.ptx_coef:  # PPO-max: L = L_ppo + w_ptx * CE(a minibatch of SFT demonstrations)
+                    ptx_rows = rng.sample(sft_rows, minibatch_size * world_size)[rank::world_size]
+                    loss = loss + args.ptx_coef * ptx_loss(policy, ptx_rows, tokenizer, device)
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+                run.check_finite(iteration, loss=loss, grad_norm=grad_norm)
                 optimizer.step()
                 stats.append({"loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
                               "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
@@ -425,10 +468,7 @@ if __name__ == "__main__":
             scheduler.step()
         t3 = time.time()
 
-        # ---- 5. logging ----
-        kl_sum = kl.sum(-1)
-        if kl_ctl and not warmup:  # PPO-max: no policy update, no KL control during critic warmup
-            kl_ctl.update(kl_sum.mean().item(), args.batch_size)
+        # ---- 5. logging (averaged over processes), evaluation, checkpoint ----
         metrics = {
             "episode": iteration * args.batch_size,
             "objective/kl": kl_sum.mean().item(),
@@ -443,28 +483,26 @@ if __name__ == "__main__":
             "response/eos_rate": eos_rate,
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
-            "eps": args.batch_size / (t3 - t0),  # episodes per second (TRL's name)
+            "eps": local_batch_size / (t3 - t0),  # episodes per second (TRL's name), per process
             # PPO-max: pattern-collapse monitors, and the running score statistics
-            **collapse_monitors(logprobs, ref_logprobs, response_mask, raw_scores),
+            **collapse_monitors(logprobs, ref_logprobs, response_mask, common.gather(raw_scores)),
             "monitor/score_running_mean": score_moments.mean, "monitor/score_running_std": score_moments.std,
         }
         if args.reward == "length":
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
         if toy:
             texts = common.decode_responses(tokenizer, responses, response_mask)
-            metrics["gold/reward"] = sum(map(common.gold_reward, prompts, texts)) / len(texts)
-            metrics["gold/well_formed"] = sum(map(common.well_formed, prompts, texts)) / len(texts)
-        logger.log(metrics, iteration)
-        if iteration % args.eval_every == 0 and 0 < iteration < num_iterations:  # PPO-max: not during warmup
-            run_eval(iteration)
+            gold = common.gold_metrics([{"prompt": p, "response": t} for p, t in zip(prompts, texts)])
+            metrics |= {"gold/reward": gold["gold"], "gold/well_formed": gold["well_formed"]}
+        run.log(metrics, iteration)
+        if iteration % args.eval_every == 0 and 0 < iteration < num_iterations:  # PPO-max: not during warm-up
+            evaluate(iteration)
+        if iteration % args.save_every == 0 and iteration < num_iterations:
+            run.save(iteration, rng=rng, order=order, kl_ctl=kl_ctl, initial=initial,
+                     score_moments=score_moments)  # PPO-max
 
     # ---- 6. final evaluation (sampled and greedy) and saving ----
-    summary, samples = run_eval(num_iterations)
-    greedy_metrics, _ = run_eval(num_iterations, greedy=True)
-    summary |= common.length_stratified_gain([s["reward"] for s in initial_samples], [s["length"] for s in initial_samples],
-                                             [s["reward"] for s in samples], [s["length"] for s in samples], args.length_bin)
-    summary |= {"greedy": greedy_metrics, "initial": initial_metrics, "train_time": round(time.time() - start, 1)}
-    common.print_samples(samples)
-    print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    common.save_run(args.output_dir, policy, tokenizer, args, summary)
-    logger.close()
+    summary, samples = evaluate(num_iterations)
+    greedy_metrics, _ = evaluate(num_iterations, greedy=True)
+    run.finish(policy, tokenizer, summary | {"greedy": greedy_metrics, "initial": initial[0]},
+               samples=samples, initial_samples=initial[1])

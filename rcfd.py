@@ -12,11 +12,9 @@ reward is whitened over the batch and the results are summed. As in the paper, t
 with clip 0.3 and no value network: the sequence reward, whitened within the batch, is the advantage
 of every response token. The paper uses no KL penalty; this file's default adds a small one
 (`--kl_coef 0.2`, per sequence, in units of the whitened reward), and `--kl_coef 0` is the paper's
-setting. The reason is measured on the toy world: without the KL term RCfD keeps the reward at the
-demonstrations' level but, with a reward model that cannot see grammar, nothing stops the text from
-degrading (3 seeds, 24 iterations: gold -2.2, well-formed 0.66 without it; -0.06 and 0.98 with it,
-against the demonstrations' 0.18; benchmark/overoptimization.md): the calibrated reward protects
-only what the reward measures.
+setting. The calibrated reward protects only what the reward model measures: a reward model that
+cannot see grammar lets the text degrade while its score stays at the demonstrations' level, and the
+KL term to the SFT model is what keeps the rest of the text as it was.
 
     python rcfd.py                                     # calibrate the reward model (runs/reward_model)
     python rcfd.py --rewards model length             # two calibrated, whitened, summed components
@@ -64,9 +62,9 @@ class Args:
     total_episodes: int = 6400
     """number of sampled responses to train on"""
     batch_size: int = 64
-    """prompts (and responses) per iteration; the whitening baseline is computed over it"""
+    """prompts (and responses) per iteration, over all processes; the whitening baseline is computed over it"""
     num_mini_batches: int = 2
-    """minibatches per PPO epoch"""
+    """minibatches per PPO epoch (each process splits its share into this many)"""
     num_ppo_epochs: int = 4
     """optimization epochs over each batch of rollouts"""
     learning_rate: float = 3e-4
@@ -79,7 +77,7 @@ class Args:
     """policy ratio clip epsilon (0.3 in the paper)"""
     kl_coef: float = 0.2
     """beta: KL penalty per sequence, in units of one whitened calibrated component (0 in the paper;
-    without it the toy policy's grammar degrades)"""
+    the calibrated reward alone protects only what the reward measures)"""
     missing_eos_penalty: float | None = 1.0
     """a response with no EOS gets the batch's lowest calibrated reward minus this (None: keep its own)"""
     max_grad_norm: float = 1.0
@@ -88,10 +86,14 @@ class Args:
     """histogram bins of the alignment metric KL(demonstration rewards || policy rewards)"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations"""
-    eval_prompts: int = 128
+    eval_rows: int = 128
     """number of held-out prompts to evaluate on"""
-    length_bin: int = 5
-    """bin width (tokens) of the length-stratified reward gain in the final summary"""
+    save_every: int = 10
+    """write a checkpoint every this many iterations (seconds each on the toy world, minutes on a GPU)"""
+    resume: bool = False
+    """continue the run in --output_dir from its latest checkpoint"""
+    overwrite: bool = False
+    """replace the run in --output_dir"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,14 +101,14 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+masked_mean = common.masked_mean  # mean over the entries where mask is 1, of every process's batch
 
 
 def whiten(x: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over the batch (dim 0), each column separately. (B,) or (B, K) -> same shape."""
-    mean = x.mean(0)
-    var = ((x - mean) ** 2).mean(0)
+    """(x - mean) / std over the batch (dim 0) of all processes, each column separately.
+    (B,) or (B, K) -> same shape. Every process holds an equal share of the batch."""
+    mean = common.all_mean(x.mean(0))
+    var = common.all_mean(((x - mean) ** 2).mean(0))
     return (x - mean) * torch.rsqrt(var + 1e-8)
 
 
@@ -168,86 +170,105 @@ def demo_rewards(indices: list[int], rows: list[dict], cache: dict[int, torch.Te
     return torch.stack([cache[i] for i in indices])
 
 
-def loglik_reward_fn(ref_policy, temperature: float):
-    """The `loglik` component: log pi_ref(y | x), the response's log-likelihood under the frozen SFT
-    model at the sampling temperature, summed over its tokens (EOS included). Calibrated to a demonstration's, it asks for text as
-    likely as a human's: the paper's sequence log-likelihood calibration. Same signature as
-    common.make_reward_fn's functions: (prompts, queries, query_mask, responses, response_mask) -> (B,)."""
-    @torch.no_grad()
-    def reward_fn(prompts, queries, query_mask, responses, response_mask):
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        logprobs, _ = common.response_logprobs(ref_policy, ids, mask, queries.shape[1], temperature)
-        return (logprobs * response_mask).sum(-1)
-    return reward_fn
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    common.require_positive(args, "batch_size", "num_mini_batches", "num_ppo_epochs", "max_new_tokens",
-                            "eval_every", "target_length", "alignment_bins")
-    num_iterations = args.total_episodes // args.batch_size
-    if num_iterations < 1 or args.batch_size % args.num_mini_batches:
-        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, "
-                    f"which must be divisible by --num_mini_batches {args.num_mini_batches}")
-    minibatch_size = args.batch_size // args.num_mini_batches
-    toy = args.dataset_name == common.TOY
+    common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
+                                      "learning_rate", "max_new_tokens", "temperature", "cliprange", "max_grad_norm",
+                                      "alignment_bins", "eval_every", "eval_rows", "target_length", "save_every"),
+                      nonnegative=("kl_coef", "missing_eos_penalty"))
     if len(set(args.rewards)) != len(args.rewards) or not args.rewards:
         common.fail(f"--rewards {' '.join(args.rewards)}: name each component once (model, gold, length, loglik)")
+    device, rank, world_size = common.setup(args)
+    num_iterations = args.total_episodes // args.batch_size
+    if num_iterations < 1 or args.batch_size % (world_size * args.num_mini_batches):
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, which "
+                    f"must be divisible by {world_size} processes x --num_mini_batches {args.num_mini_batches}")
+    local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
+    minibatch_size = local_batch_size // args.num_mini_batches
+    toy = args.dataset_name == common.TOY
 
-    # ---- data with demonstrations; models: policy, frozen reference, one reward function per component ----
+    # ---- data with demonstrations; models: policy, frozen reference, reward model ----
     hint = "run `python sft.py` first or pass --sft_model_path"
     tokenizer = common.load_tokenizer(args.sft_model_path, hint)
     # each prompt comes with its demonstration y_demo (toy: the review's true continuation)
     train_rows, test_rows = common.load_data(args.dataset_name, "prompts", tokenizer, args.dataset_config,
-                                             args.dataset_train_split, args.dataset_test_split, args.eval_prompts)
+                                             args.dataset_train_split, args.dataset_test_split, args.eval_rows)
     if any(row["completion"] is None for row in train_rows + test_rows):
         common.fail(f"dataset {args.dataset_name} has prompts without a demonstration: RCfD needs a "
                     "completion (or chosen) column to calibrate to")
     policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
-    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).eval()
-    ref_policy.requires_grad_(False)
-    common.disable_dropout(policy)  # N+: dropout would make the PPO ratio noisy
-    reward_fns = [loglik_reward_fn(ref_policy, args.temperature) if kind == "loglik" else
-                  common.make_reward_fn(kind, tokenizer, device, args.reward_model_path, args.target_length)
-                  for kind in args.rewards]
+    # prompts are cut from the left so that prompt + response fit the model's positions
+    max_positions = common.max_positions(policy)
+    max_prompt_tokens = max_positions - args.max_new_tokens
+    train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
+    test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
+    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+    if "model" in args.rewards:
+        hint = "run `python reward_model.py` first or pass --reward_model_path"
+        rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
+        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
+        reward_model = reward_model.to(device).requires_grad_(False)
+        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-
-    def score_all(prompts, queries, query_mask, responses, response_mask) -> torch.Tensor:
-        """Every reward component of a batch of responses -> (B, K)."""
-        return torch.stack([fn(prompts, queries, query_mask, responses, response_mask).float()
-                            for fn in reward_fns], -1)
+    policy = common.ddp(policy, device)
+    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler})
+    # the loop's state, fresh or resumed; demo_cache: row index -> its demonstration's rewards (K,)
+    rng, order, demo_cache, initial, start = random.Random(args.seed), [], {}, None, 1
+    if run.resumed:
+        rng, order, demo_cache, initial, start = (run.resumed[k] for k in ("rng", "order", "demo_cache", "initial", "step"))
+        start += 1
 
     @torch.no_grad()
-    def score_texts(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        """Score demonstrations exactly as rollouts are scored: prompt left-padded, completion + EOS."""
-        queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts],
-                                         tokenizer.pad_token_id, side="left")
-        responses, response_mask = common.pad([common.encode_completion(tokenizer, c) for c in completions],
-                                              tokenizer.pad_token_id, side="right")
+    def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+        """Every reward component of each response (B, K), in --rewards order: the reward model's
+        score read at the response's last real token, its EOS (N+); the toy world's gold reward; the
+        golden length reward; or `loglik`, log pi_ref(y|x) summed over the response's tokens (EOS
+        included), which calibrated to a demonstration's asks for text as likely as a human's."""
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        components = []
         with common.autocast(device):
-            return score_all(prompts, queries.to(device), query_mask.to(device), responses.to(device),
-                             response_mask.to(device))
+            for kind in args.rewards:
+                if kind == "model":
+                    rm_ids, rm_mask = ids, mask
+                    if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
+                        rm_ids, rm_mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+                    components.append(common.last_token_scores(reward_model, rm_ids.to(device), rm_mask.to(device)))
+                elif kind == "gold":
+                    texts = common.decode_responses(tokenizer, responses, response_mask)
+                    components.append(torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device))
+                elif kind == "length":
+                    n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+                    components.append(common.length_reward(n_tokens, args.target_length))
+                else:  # loglik: the frozen reference policy's log-likelihood, at the sampling temperature
+                    logprobs, _ = common.response_logprobs(ref_policy, ids, mask, queries.shape[1], args.temperature)
+                    components.append((logprobs * response_mask).sum(-1))
+        return torch.stack([c.float() for c in components], -1)
 
-    train_demo_cache: dict[int, torch.Tensor] = {}
-    test_demo_scores = demo_rewards(list(range(len(test_rows))), test_rows, {}, score_texts)  # (T, K)
-    logger = common.Logger(args.output_dir, args, args.track)
-    rng = random.Random(args.seed)
-    order: list[int] = []
+    def score_demonstrations(prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Every reward component of demonstrations (n, K), scored as a rollout is: the prompt cut as
+        the policy's queries are, the completion and EOS as the response (cut to the model's positions)."""
+        queries = [common.encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+        responses = [common.encode_completion(tokenizer, c)[:max_positions - len(q)] for q, c in zip(queries, completions)]
+        query_ids, query_mask = common.pad(queries, tokenizer.pad_token_id, "left")
+        response_ids, response_mask = common.pad(responses, tokenizer.pad_token_id, "right")
+        return get_scores(prompts, query_ids.to(device), query_mask.to(device), response_ids.to(device),
+                          response_mask.to(device)).cpu()
 
-    def run_eval(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
-        eval_scores = []  # every component of every evaluated response, in order
+    # the held-out demonstrations' rewards: the same batches in every run, so no need to checkpoint them
+    test_demo_scores = demo_rewards(list(range(len(test_rows))), test_rows, {}, score_demonstrations)  # (T, K)
 
-        def primary_reward(*batch) -> torch.Tensor:
-            eval_scores.append(score_all(*batch))
+    def evaluate(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
+        eval_scores = [torch.zeros(0, len(args.rewards))]  # every component of this process's responses
+
+        def first_component(*batch) -> torch.Tensor:
+            eval_scores.append(get_scores(*batch).cpu())
             return eval_scores[-1][:, 0]
 
-        metrics, samples = common.evaluate(policy, ref_policy, tokenizer, test_rows, primary_reward, device,
-                                           args.max_new_tokens, args.temperature, greedy=greedy, toy=toy,
-                                           target_length=args.target_length if "length" in args.rewards else None)
-        scores = torch.cat(eval_scores).cpu()
+        metrics, samples = common.evaluate(policy, ref_policy, tokenizer, [r["prompt"] for r in test_rows],
+                                           test_queries, first_component, args.max_new_tokens, args.temperature, greedy)
+        scores = common.gather(torch.cat(eval_scores))  # (T, K) of every process, in no particular order
         for k, name in enumerate(args.rewards):
             suffix = "" if k == 0 else f"_{name}"
             metrics[f"reward{suffix}"] = scores[:, k].mean().item()
@@ -255,62 +276,64 @@ if __name__ == "__main__":
             metrics[f"demo_reward{suffix}"] = test_demo_scores[:, k].mean().item()
             metrics[f"demo_reward_std{suffix}"] = test_demo_scores[:, k].std().item()
             metrics[f"alignment_kl{suffix}"] = alignment_kl(test_demo_scores[:, k], scores[:, k], args.alignment_bins)
+        if "length" in args.rewards:  # mean |n - N| / N, and the share within 10% of N
+            errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
+            metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
         if toy:
+            metrics |= common.gold_metrics(samples)
             metrics["demo_gold"] = sum(common.gold_reward(r["prompt"], r["completion"]) for r in test_rows) / len(test_rows)
-        prefix = "eval_greedy/" if greedy else "eval/"
-        logger.log({f"{prefix}{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
+        run.log({f"eval{'_greedy' if greedy else ''}/{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
         return metrics, samples
 
-    initial_metrics, initial_samples = run_eval(0)
-    common.print_samples(initial_samples)
-    start = time.time()
-    for iteration in common.progress(range(1, num_iterations + 1), desc="rcfd"):
-        # ---- 1. rollout: sample a response to each prompt of the batch ----
+    if initial is None:
+        initial = evaluate(0)
+    for iteration in common.progress(range(start, num_iterations + 1), desc="rcfd", initial=start - 1, total=num_iterations):
+        # ---- 1. rollout: sample a response to each prompt of this process's share of the batch ----
         t0 = time.time()
         while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
-        indices, order = order[:args.batch_size], order[args.batch_size:]
-        prompts = [train_rows[i]["prompt"] for i in indices]
-        queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts],
-                                         tokenizer.pad_token_id, side="left")
-        queries, query_mask = queries.to(device), query_mask.to(device)
-        policy.eval()
+        global_batch, order = order[:args.batch_size], order[args.batch_size:]
+        batch = global_batch[rank::world_size]
+        prompts = [train_rows[i]["prompt"] for i in batch]
+        queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch], tokenizer.pad_token_id, "left"))
         with torch.no_grad(), common.autocast(device):
-            responses, response_mask, ended, gen_logits = common.generate(
-                policy, queries, query_mask, tokenizer, args.max_new_tokens, args.temperature)
+            responses, response_mask, ended, logits = common.generate(policy, queries, query_mask, tokenizer,
+                                                                      args.max_new_tokens, args.temperature)
             # The generation's own logits give the old log-probs: no extra policy forward pass.
-            logprobs = common.logprobs_from_logits(gen_logits, responses, args.temperature)
-            del gen_logits
+            logprobs = common.logprobs_from_logits(logits, responses, args.temperature)
+            del logits
             t1 = time.time()
 
-            # ---- 2. score the responses and look up their demonstrations' scores ----
+            # ---- 2. score every component of the responses and of their demonstrations; reference log-probs ----
+            scores = get_scores(prompts, queries, query_mask, responses, response_mask)  # (B, K)
+            # each process scores the new demonstrations of the whole batch, so that every process
+            # holds the same cache, the one rank 0 checkpoints
+            demo_scores = demo_rewards(global_batch, train_rows, demo_cache, score_demonstrations)
+            demo_scores = demo_scores[rank::world_size].to(device)  # (B, K)
             context_len = queries.shape[1]
             query_response = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, response_mask], 1)
-            scores = score_all(prompts, queries, query_mask, responses, response_mask)  # (B, K)
-            demo_scores = demo_rewards(indices, train_rows, train_demo_cache, score_texts).to(device)  # (B, K)
             ref_logprobs, _ = common.response_logprobs(ref_policy, query_response, attention_mask, context_len,
                                                        args.temperature)
         response_mask = response_mask.float()
-        logprobs, ref_logprobs = logprobs * response_mask, ref_logprobs * response_mask
+        logprobs, ref_logprobs = (x.float() * response_mask for x in (logprobs, ref_logprobs))
         kl = (logprobs - ref_logprobs).sum(-1)  # (B,) k1 estimator of KL(pi || pi_ref) per sequence
         t2 = time.time()
 
-        # ---- 3. calibrated reward, EOS trick, optional KL penalty, whitened as the baseline ----
+        # ---- 3. calibrated reward, EOS trick, KL penalty; whitened over the whole batch, the advantage ----
         rewards = calibrated_reward(scores, demo_scores)  # (B,)
         if args.missing_eos_penalty is not None:
             # N+ "EOS trick", adapted: the calibrated reward is whitened, so a fixed score would have no
-            # scale; a truncated response instead ranks below every response of its batch.
-            rewards = torch.where(ended, rewards, rewards.min() - args.missing_eos_penalty)
+            # scale; a truncated response instead ranks below every response of the whole batch.
+            rewards = torch.where(ended, rewards, common.gather(rewards).min() - args.missing_eos_penalty)
         rewards = rewards - args.kl_coef * kl
         # No value network: the batch mean is the baseline; every token gets its sequence's advantage.
         advantages = whiten(rewards)[:, None] * response_mask  # (B, R)
 
         # ---- 4. PPO epochs over shuffled minibatches (policy only) ----
-        policy.train()
         stats = []
         for _ in range(args.num_ppo_epochs):
-            for mb in torch.randperm(args.batch_size, device=device).split(minibatch_size):
+            for mb in torch.randperm(local_batch_size, device=device).split(minibatch_size):
                 with common.autocast(device):
                     new_logprobs, _ = common.response_logprobs(policy, query_response[mb], attention_mask[mb],
                                                                context_len, args.temperature)
@@ -318,16 +341,18 @@ if __name__ == "__main__":
                                                  args.cliprange)
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                run.check_finite(iteration, loss=loss, grad_norm=grad_norm)
                 optimizer.step()
                 stats.append({"loss/policy_avg": loss.item(), "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
                               "policy/approxkl_avg": pg_stats["approxkl"].item(), "val/ratio": pg_stats["ratio"].item()})
         scheduler.step()
         t3 = time.time()
 
-        # ---- 5. logging: the usual RL metrics, and how close the rewards are to the demonstrations' ----
+        # ---- 5. logging (averaged over processes): the usual RL metrics, and how close the rewards
+        # are to the demonstrations'; evaluation; checkpoint ----
         lengths = common.response_length(responses, response_mask.long(), tokenizer.eos_token_id).float()
-        scores, demo_scores = scores.cpu(), demo_scores.cpu()
+        all_scores, all_demo_scores = common.gather(scores.cpu()), common.gather(demo_scores.cpu())  # the whole batch
         metrics = {
             "episode": iteration * args.batch_size,
             "objective/kl": kl.mean().item(),
@@ -335,9 +360,9 @@ if __name__ == "__main__":
             "objective/scores": scores[:, 0].mean().item(),
             "objective/demo_scores": demo_scores[:, 0].mean().item(),
             "objective/calibrated": -((scores[:, 0] - demo_scores[:, 0]) ** 2).mean().item(),
-            "alignment/kl": alignment_kl(demo_scores[:, 0], scores[:, 0], args.alignment_bins),
-            "alignment/scores_std": scores[:, 0].std().item(),
-            "alignment/demo_scores_std": demo_scores[:, 0].std().item(),
+            "alignment/kl": alignment_kl(all_demo_scores[:, 0], all_scores[:, 0], args.alignment_bins),
+            "alignment/scores_std": all_scores[:, 0].std().item(),
+            "alignment/demo_scores_std": all_demo_scores[:, 0].std().item(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "kl_coef": args.kl_coef,
             "lr": scheduler.get_last_lr()[0],
@@ -345,7 +370,7 @@ if __name__ == "__main__":
             "response/eos_rate": ended.float().mean().item(),
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
-            "eps": args.batch_size / (t3 - t0),  # episodes per second (TRL's name)
+            "eps": local_batch_size / (t3 - t0),  # episodes per second (TRL's name), per process
         }
         for k, name in list(enumerate(args.rewards))[1:]:
             metrics[f"objective/scores_{name}"] = scores[:, k].mean().item()
@@ -355,19 +380,16 @@ if __name__ == "__main__":
             metrics["response/length_error"] = ((lengths - args.target_length).abs() / args.target_length).mean().item()
         if toy:
             texts = common.decode_responses(tokenizer, responses, response_mask)
-            metrics["gold/reward"] = sum(map(common.gold_reward, prompts, texts)) / len(texts)
-            metrics["gold/well_formed"] = sum(map(common.well_formed, prompts, texts)) / len(texts)
-        logger.log(metrics, iteration)
+            gold = common.gold_metrics([{"prompt": p, "response": t} for p, t in zip(prompts, texts)])
+            metrics |= {"gold/reward": gold["gold"], "gold/well_formed": gold["well_formed"]}
+        run.log(metrics, iteration)
         if iteration % args.eval_every == 0 and iteration < num_iterations:
-            run_eval(iteration)
+            evaluate(iteration)
+        if iteration % args.save_every == 0 and iteration < num_iterations:
+            run.save(iteration, rng=rng, order=order, demo_cache=demo_cache, initial=initial)
 
     # ---- 6. final evaluation (sampled and greedy) and saving ----
-    summary, samples = run_eval(num_iterations)
-    greedy_metrics, _ = run_eval(num_iterations, greedy=True)
-    summary |= common.length_stratified_gain([s["reward"] for s in initial_samples], [s["length"] for s in initial_samples],
-                                             [s["reward"] for s in samples], [s["length"] for s in samples], args.length_bin)
-    summary |= {"greedy": greedy_metrics, "initial": initial_metrics, "train_time": round(time.time() - start, 1)}
-    common.print_samples(samples)
-    print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    common.save_run(args.output_dir, policy, tokenizer, args, summary)
-    logger.close()
+    summary, samples = evaluate(num_iterations)
+    greedy_metrics, _ = evaluate(num_iterations, greedy=True)
+    run.finish(policy, tokenizer, summary | {"greedy": greedy_metrics, "initial": initial[0]},
+               samples=samples, initial_samples=initial[1])

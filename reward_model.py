@@ -12,7 +12,6 @@ average (an N+ implementation detail), and measure how much the score tracks res
 
 import math
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -43,14 +42,15 @@ class Args:
     track: bool = False
     """log to Weights & Biases"""
     learning_rate: float = 1e-3
-    """peak learning rate, decayed linearly to 0 (2e-3 was unstable on the toy world: gradient-norm
-    spikes, and held-out agreement with gold fell from 0.72 to 0.61)"""
+    """peak learning rate, decayed linearly to 0"""
     num_epochs: int = 2
     """passes over the training pairs"""
     batch_size: int = 32
-    """preference pairs per optimizer step (twice as many sequences per forward pass)"""
+    """preference pairs per optimizer step, over all processes (each takes an equal share; twice as
+    many sequences per forward pass)"""
     max_length: int = 128
-    """prompt + response tokens; pairs with a longer sequence are dropped, as the score is read at EOS"""
+    """prompt + response tokens (at most the model's positions); pairs with a longer sequence are
+    dropped, as the score is read at EOS"""
     max_train_rows: int | None = None
     """use only the first rows of the training split (quick tests)"""
     center_rewards_coef: float = 0.0
@@ -60,13 +60,28 @@ class Args:
     length_bin_width: int = 2
     """width, in tokens, of the length-difference bins that --length_balance equalizes"""
     random_augment: float = 0.0
-    """fraction of training pairs that also get a copy whose rejected is another prompt's chosen"""
+    """fraction (0 to 1) of training pairs that also get a copy whose rejected is another prompt's chosen"""
     eval_every: int = 25
     """evaluate held-out accuracy every this many steps"""
     eval_rows: int = 256
     """held-out preference pairs"""
     demo_rows: int = 1000
     """SFT demonstrations scored to shift the mean score to 0 (toy: the `sft` data; else: chosen responses)"""
+    save_every: int = 200
+    """write a checkpoint every this many optimizer steps"""
+    resume: bool = False
+    """continue the run in --output_dir from its latest checkpoint"""
+    overwrite: bool = False
+    """replace the run in --output_dir"""
+
+
+def check(args: Args) -> None:
+    """fail() on a flag out of its range, before anything is loaded."""
+    common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "max_train_rows",
+                                      "length_bin_width", "eval_every", "eval_rows", "demo_rows", "save_every"),
+                      nonnegative=("center_rewards_coef", "random_augment"))
+    if args.random_augment > 1:
+        common.fail(f"--random_augment is a fraction of the training pairs: at most 1, got {args.random_augment}")
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -79,11 +94,14 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
 
     The model of preferences is P(y_c > y_r) = sigmoid(r_c - r_r); the margin (Llama 2) asks for a
     larger gap on pairs the annotators rated as clearly different; the centering term (Eisenstein et
-    al. 2023) pins the otherwise free offset of the scores near 0."""
+    al. 2023) pins the otherwise free offset of the scores near 0. The means are over the pairs of
+    every process's share of the batch (common.masked_mean), so that several processes, each with
+    its share, get the gradient of one process with the whole batch."""
+    pairs = torch.ones_like(chosen)
     diff = chosen - rejected - (margin if margin is not None else 0.0)
-    loss = -F.logsigmoid(diff).mean()
+    loss = common.masked_mean(-F.logsigmoid(diff), pairs)
     if center_coef:
-        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+        loss = loss + center_coef * common.masked_mean((chosen + rejected) ** 2, pairs)
     return loss
 
 
@@ -124,7 +142,8 @@ def random_augment(rows: list[dict], fraction: float, rng: random.Random) -> lis
 
 def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     """Each row with `chosen_ids`/`rejected_ids` (prompt + response + EOS) and the response lengths
-    in tokens (EOS excluded); pairs with a sequence longer than max_length are dropped."""
+    in tokens (EOS excluded). A pair with a sequence longer than max_length is left out (its EOS,
+    where the score is read, would not fit); says how many."""
     examples = []
     for row in rows:
         prompt = common.encode_prompt(tokenizer, row["prompt"])
@@ -133,23 +152,32 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
         if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
             examples.append({**row, "chosen_ids": prompt + chosen, "rejected_ids": prompt + rejected,
                              "chosen_len": len(chosen) - 1, "rejected_len": len(rejected) - 1})
+    if len(examples) < len(rows):
+        print(f"note: {len(rows) - len(examples)} of {len(rows)} preference pairs are longer than {max_length} "
+              "tokens: left out")
+    if not examples:
+        common.fail(f"no preference pair fits in {max_length} tokens: raise --max_length (at most the model's positions)")
     return examples
 
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """Scores (N,) of N token sequences, each read at its last token."""
-    model.eval()
-    scores = []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = common.pad(seqs[i:i + batch_size], pad_id, side="right")
+def score_sequences(model: common.TokenScores, seqs: list[list[int]], pad_id: int, batch_size: int,
+                    device) -> torch.Tensor:
+    """Scores (N,) of N token sequences, each read at its last token. Each process scores its own
+    contiguous share of the sequences and the shares are gathered, so every process returns all N."""
+    model = common.unwrap(model)  # no DDP: the processes may run different numbers of batches
+    share = math.ceil(len(seqs) / common.world_size())
+    mine = seqs[common.rank() * share:(common.rank() + 1) * share]
+    scores = [torch.zeros(0)]
+    for i in range(0, len(mine), batch_size):
+        ids, mask = common.pad(mine[i:i + batch_size], pad_id, side="right")
         with common.autocast(device):
             scores.append(common.last_token_scores(model, ids.to(device), mask.to(device)).cpu())
-    model.train()
-    return torch.cat(scores)
+    return common.gather(torch.cat(scores))
 
 
-def score_pairs(model, examples: list[dict], pad_id: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model: common.TokenScores, examples: list[dict], pad_id: int, batch_size: int,
+                device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (N,) of the chosen and (N,) of the rejected sequences of N tokenized pairs."""
     return (score_sequences(model, [e["chosen_ids"] for e in examples], pad_id, batch_size, device),
             score_sequences(model, [e["rejected_ids"] for e in examples], pad_id, batch_size, device))
@@ -194,21 +222,21 @@ def shift_scores(model, shift: float) -> bool:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.require_positive(args, "learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
-                            "eval_rows", "length_bin_width")
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    check(args)
+    device, rank, world_size = common.setup(args)
+    if args.batch_size % world_size:
+        common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
+    toy = args.dataset_name == common.TOY
     hint = "run `python sft.py` first or pass --model_name_or_path"
     tokenizer = common.load_tokenizer(args.model_name_or_path, hint)
-    toy = args.dataset_name == common.TOY
     train_rows, test_rows = common.load_data(args.dataset_name, "preference", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split,
                                              args.eval_rows, args.max_train_rows)
     # demonstrations from the SFT stage, whose mean score becomes 0 after training
     demo_rows = (common.load_data(common.TOY, "sft", tokenizer, max_train_rows=args.demo_rows)[0] if toy
                  else train_rows[:args.demo_rows])  # preference rows carry `completion` = chosen
-    model = common.load_model(args.model_name_or_path, tokenizer, "score", hint).to(device)
-    common.disable_dropout(model)  # as TRL's RewardConfig: both scores of a pair see the same network
+    model = common.TokenScores(common.load_model(args.model_name_or_path, tokenizer, "score", hint)).to(device)
+    max_length = min(args.max_length, common.max_positions(model.classifier))
 
     # ---- length interventions on the training pairs (Singhal et al. 2023) ----
     rng = random.Random(args.seed)
@@ -218,61 +246,65 @@ if __name__ == "__main__":
         train_rows = [train_rows[i] for i in length_balance(diffs, args.length_bin_width, rng)]
     if args.random_augment > 0:
         train_rows = random_augment(train_rows, args.random_augment, rng)
-    train, test = tokenize(train_rows, tokenizer, args.max_length), tokenize(test_rows, tokenizer, args.max_length)
-    if not train or not test:
-        common.fail(f"no preference pair fits in --max_length {args.max_length}: raise it")
-
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
-    num_steps = args.num_epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    logger = common.Logger(args.output_dir, args, args.track)
-    pad_id = tokenizer.pad_token_id
-    print(f"{len(train)} training pairs ({len(train_rows) - len(train)} too long), {len(test)} held-out, "
-          f"{num_steps} steps, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
-
-    # ---- training: Bradley-Terry loss on (chosen, rejected) pairs ----
-    model.train()
-    step, start = 0, time.time()
-    bar = common.progress(total=num_steps, desc="reward model")
-    for epoch in range(args.num_epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), args.batch_size):
-            batch = [train[j] for j in order[i:i + args.batch_size]]
-            # chosen and rejected in one forward pass, right-padded: (2B, T), chosen rows first
-            ids, mask = common.pad([e["chosen_ids"] for e in batch] + [e["rejected_ids"] for e in batch],
-                                   pad_id, side="right")
-            # a row without a margin column gets 0: the plain Bradley-Terry loss
-            margin = torch.tensor([float(e.get("margin", 0.0)) for e in batch], device=device)
-            with common.autocast(device):
-                scores = common.last_token_scores(model, ids.to(device), mask.to(device))  # (2B,)
-            chosen, rejected = scores[:len(batch)], scores[len(batch):]
-            loss = bradley_terry_loss(chosen, rejected, margin, args.center_rewards_coef)
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            bar.update()
-            metrics = {"episode": step * args.batch_size, "epoch": epoch, "loss/train": loss.item(),
-                       "accuracy/train": pairwise_accuracy(chosen - rejected),
-                       "margin/train": (chosen - rejected).mean().item(), "grad_norm": grad_norm.item(),
-                       "lr": scheduler.get_last_lr()[0], "time/train": time.time() - start}
-            if step % args.eval_every == 0 or step == num_steps:
-                eval_chosen, eval_rejected = score_pairs(model, test, pad_id, 2 * args.batch_size, device)
-                metrics["accuracy/eval"] = pairwise_accuracy(eval_chosen - eval_rejected)
-            logger.log(metrics, step)
-    bar.close()
-    train_time = time.time() - start
-
-    # ---- normalization (N+ detail): shift scores so that SFT demonstrations score 0 on average ----
+    train, test = tokenize(train_rows, tokenizer, max_length), tokenize(test_rows, tokenizer, max_length)
     demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"])
              for r in demo_rows]
+    demos = [d for d in demos if len(d) <= max_length]  # the pairs' context rule
+    if not demos:
+        common.fail(f"no demonstration fits in {max_length} tokens: raise --max_length (at most the model's positions)")
+
+    # the shuffled passes over the pairs form one stream (as in ppo.py), so that every batch is full and
+    # splits evenly over the processes; a batch may run into the next pass
+    num_steps = math.ceil(args.num_epochs * len(train) / args.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
+    model = common.ddp(model, device)
+    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+    order, start = [], 1  # the loop's state (with rng), fresh or resumed
+    if run.resumed:
+        rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1
+    pad_id = tokenizer.pad_token_id
+    print(f"{len(train)} training pairs, {len(test)} held-out, {num_steps} steps, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
+
+    # ---- training: Bradley-Terry loss on (chosen, rejected) pairs ----
+    for step in common.progress(range(start, num_steps + 1), desc="reward model", initial=start - 1, total=num_steps):
+        # 1. the next batch of the shuffled pairs (epoch after epoch); this process takes its share
+        while len(order) < args.batch_size:
+            order += rng.sample(range(len(train)), len(train))
+        batch, order = [train[j] for j in order[:args.batch_size][rank::world_size]], order[args.batch_size:]
+        # 2. score chosen and rejected in one forward pass, right-padded: (2B, T), chosen rows first,
+        # each score read at the sequence's last real token, its EOS
+        ids, mask = common.pad([e["chosen_ids"] for e in batch] + [e["rejected_ids"] for e in batch],
+                               pad_id, side="right")
+        with common.autocast(device):
+            scores = common.last_token_scores(model, ids.to(device), mask.to(device))  # (2B,)
+        chosen, rejected = scores[:len(batch)], scores[len(batch):]
+        # 3. the loss, with each pair's required margin (a row without a margin column gets 0: plain Bradley-Terry)
+        margin = torch.tensor([float(e.get("margin", 0.0)) for e in batch], device=device)
+        loss = bradley_terry_loss(chosen, rejected, margin, args.center_rewards_coef)
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        run.check_finite(step, loss=loss, grad_norm=grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if step % args.eval_every == 0 or step == num_steps:
+            margins = common.gather((chosen - rejected).detach())  # of the whole batch, every process's share
+            eval_chosen, eval_rejected = score_pairs(model, test, pad_id, 2 * args.batch_size, device)
+            run.log({"episode": step * args.batch_size, "epoch": step * args.batch_size / len(train),
+                     "loss/train": loss.item(), "accuracy/train": pairwise_accuracy(margins),
+                     "margin/train": margins.mean().item(), "accuracy/eval": pairwise_accuracy(eval_chosen - eval_rejected),
+                     "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}, step)
+        if step % args.save_every == 0 and step < num_steps:
+            run.save(step, rng=rng, order=order)
+
+    # ---- normalization (N+ detail): shift scores so that SFT demonstrations score 0 on average ----
+    # (the scores are gathered, so the mean and the shifted weights are the same in every process)
+    classifier = common.unwrap(model).classifier
     demo_score_mean = score_sequences(model, demos, pad_id, 2 * args.batch_size, device).mean().item()
-    if not shift_scores(model, demo_score_mean):
-        print(f"note: {type(model).__name__} has no LayerNorm bias under its score head to shift; "
+    if not shift_scores(classifier, demo_score_mean):
+        print(f"note: {type(classifier).__name__} has no LayerNorm bias under its score head to shift; "
               f"scores keep their demonstration mean {demo_score_mean:.3f}")
 
     # ---- evaluation on held-out pairs: accuracy, length correlation, and on toy the gold reward ----
@@ -282,7 +314,7 @@ if __name__ == "__main__":
     scores, lengths = torch.cat([chosen, rejected]), torch.cat([chosen_len, rejected_len]).float()
     summary = {"accuracy": pairwise_accuracy(chosen - rejected),
                "length_corr": torch.corrcoef(torch.stack([scores, lengths]))[0, 1].item(),
-               "demo_score_mean": demo_score_mean, "train_time": round(train_time, 1)}
+               "demo_score_mean": demo_score_mean}
     if toy:
         # The noise-free preference: gold margins, 0 on a gold tie (where either answer is right,
         # so pairwise_accuracy counts it half).
@@ -293,6 +325,4 @@ if __name__ == "__main__":
         # only by also learning the annotator's length bias (which length_corr then shows)
         summary["label_ceiling"] = pairwise_accuracy(gold_margins)
     summary["accuracy_by_length_diff"] = accuracy_by_length_diff(chosen - rejected, chosen_len - rejected_len)
-    print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
-    common.save_run(args.output_dir, model, tokenizer, args, summary)
-    logger.close()
+    run.finish(classifier, tokenizer, summary)

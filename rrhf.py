@@ -40,21 +40,23 @@ class Args:
     dataset_train_split: str = "train"
     """split whose prompts we train on"""
     dataset_test_split: str = "test"
-    """split whose prompts the final evaluation samples on"""
+    """split whose prompts the evaluations sample on"""
     rrhf_data: str | None = None
-    """a ready-made RRHF .jsonl ({query, responses, scores} rows) replacing sampling and scoring"""
+    """a ready-made RRHF .jsonl ({query, responses, scores} rows) to train on: its responses and scores
+    replace --sources and the reward (which then only scores the evaluations)"""
     output_dir: str = "runs/rrhf"
-    """where the model, args.json, metrics.jsonl and summary.json go"""
+    """where the model, args.json, metrics.jsonl, samples and summary.json go"""
     seed: int = 1
     """random seed"""
     device: str = "auto"
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
-    total_episodes: int = 512
+    total_queries: int = 512
     """queries to train on, each with all of its candidate responses"""
     queries_per_step: int = 16
-    """queries per optimizer step; all their candidates go through one forward pass"""
+    """queries per optimizer step, over all processes (each takes an equal share); a process's
+    candidates go through one forward pass"""
     num_samples: int = 8
     """k: responses sampled per query from each of the `online` and `initial` sources"""
     # The default is the paper's main setting; `online` without --kl_coef hacks a learned reward.
@@ -68,25 +70,49 @@ class Args:
     """length limit of sampled responses (and of dataset responses, which are cut to it)"""
     learning_rate: float = 1e-3
     """peak learning rate, decayed linearly to 0"""
-    length_penalty: float = 1.0
-    """exponent on |y| in the score p = sum log pi / |y|^length_penalty"""
+    length_power: float = 1.0
+    """exponent on |y| in the score p = sum log pi / |y|^length_power (0: the plain sum)"""
     rank_coef: float = 1.0
     """weight of the ranking loss: L = rank_coef * L_rank + L_ft"""
     kl_coef: float = 0.0
     """beta in the ranked reward r - beta * log(pi / pi_ref): the paper's fix for online hacking; 0: off"""
     eval_rows: int = 256
-    """held-out prompts for the final evaluation"""
+    """held-out prompts for the evaluations before and after training"""
     eval_batch_size: int = 64
-    """prompts per generation batch in the final evaluation"""
+    """prompts per generation batch in the evaluations (per process)"""
+    save_every: int = 10
+    """write a checkpoint every this many optimizer steps"""
+    resume: bool = False
+    """continue the run in --output_dir from its latest checkpoint"""
+    overwrite: bool = False
+    """replace the run in --output_dir"""
 
 
-def sequence_scores(logprobs: torch.Tensor, response_mask: torch.Tensor, length_penalty: float = 1.0) -> torch.Tensor:
-    """RRHF's score of a response, p_i = sum_t log pi(y_i,t | x, y_i,<t) / |y_i|^length_penalty
+def check_args(args: Args) -> None:
+    """fail() with a one-line error on a flag out of its range, before anything is loaded."""
+    common.check_args(args, positive=("target_length", "total_queries", "queries_per_step", "num_samples",
+                                      "refresh_every", "temperature", "max_new_tokens", "learning_rate", "eval_rows",
+                                      "eval_batch_size", "save_every"),
+                      nonnegative=("length_power", "rank_coef", "kl_coef"))
+    if args.total_queries < args.queries_per_step:
+        common.fail(f"--total_queries {args.total_queries} must be at least --queries_per_step {args.queries_per_step}")
+    if not (args.sources or args.rrhf_data):
+        common.fail("--sources is empty: pick from online, initial, demo")
+
+
+# ---------------------------------------------------------------------------------------------
+# The math. Shapes: Q queries with up to K candidates each (valid marks the real ones); N real
+# candidates in all, R response tokens (right-padded; mask is 1 up to the first EOS).
+# ---------------------------------------------------------------------------------------------
+
+
+def sequence_scores(logprobs: torch.Tensor, response_mask: torch.Tensor, length_power: float = 1.0) -> torch.Tensor:
+    """RRHF's score of a response, p_i = sum_t log pi(y_i,t | x, y_i,<t) / |y_i|^length_power
     (paper Eq. 1 with the released code's exponent; 0 gives the plain sum).
 
     logprobs, response_mask (N, R) -> (N,). Padding after the response does not count in |y_i|."""
     lengths = response_mask.sum(-1).clamp(min=1).float()
-    return (logprobs * response_mask).sum(-1) / lengths**length_penalty
+    return (logprobs * response_mask).sum(-1) / lengths**length_power
 
 
 def ranked_pairs(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -99,21 +125,42 @@ def ranked_pairs(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def rank_loss(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """RRHF's ranking loss (paper Eq. 2), L_rank = sum over pairs with r_i < r_j of max(0, p_i - p_j),
-    summed over the pairs of a query and averaged over queries (the released code takes one query
-    per device and averages over devices: the same loss, one query at a time).
+    summed over the pairs of a query and averaged over the queries of every process (the released
+    code takes one query per device and averages over devices: the same loss).
 
     scores, rewards (Q, K), valid (Q, K) bool -> scalar."""
     hinge = (scores[:, :, None] - scores[:, None, :]).clamp(min=0)  # [q, i, j] = max(0, p_i - p_j)
-    return (hinge * ranked_pairs(rewards, valid)).sum((1, 2)).mean()
+    per_query = (hinge * ranked_pairs(rewards, valid)).sum((1, 2))
+    return common.masked_mean(per_query, torch.ones_like(per_query))
 
 
 def finetune_loss(sum_logprobs: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """RRHF's fine-tuning loss (paper Eq. 3), L_ft = -sum_t log pi(y_best,t | x, y_best,<t) with
-    best = argmax_i r_i, averaged over queries. (The released code takes a per-token mean instead.)
+    best = argmax_i r_i, averaged over the queries of every process. (The released code takes a
+    per-token mean instead.)
 
     sum_logprobs, rewards (Q, K), valid (Q, K) bool -> scalar."""
     best = rewards.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
-    return -sum_logprobs.gather(1, best).mean()
+    per_query = -sum_logprobs.gather(1, best).squeeze(1)
+    return common.masked_mean(per_query, torch.ones_like(per_query))
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates: a candidate is (response token ids, source, reward), the reward None until scored.
+# ---------------------------------------------------------------------------------------------
+
+
+def given_candidates(row: dict, tokenizer, max_new_tokens: int, demo: bool) -> list[tuple[list[int], str, float | None]]:
+    """The candidates a training row brings before any sampling, each cut to max_new_tokens: a
+    ready-made RRHF row's responses with their scores (source `data`); otherwise, with the `demo`
+    source, the demonstration and the rejected response of preference data, to be scored."""
+    def cut(text: str) -> list[int]:
+        return common.encode_completion(tokenizer, text)[:max_new_tokens]
+
+    if "responses" in row:
+        return [(cut(r), "data", float(s)) for r, s in zip(row["responses"], row["scores"])]
+    texts = dict.fromkeys((row.get("completion"), row.get("rejected"))) if demo else {}
+    return [(cut(t), "demo", None) for t in texts if t is not None]
 
 
 def pack(query_ids: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -136,7 +183,8 @@ def sample(model, tokenizer, query_ids: list[list[int]], k: int, max_new_tokens:
 
 
 def read_rrhf_data(path: str) -> list[dict]:
-    """Rows {"query": str, "responses": [str], "scores": [float]} of the released RRHF code's format."""
+    """Rows {"query": str, "responses": [str], "scores": [float]} of the released RRHF code's format,
+    as {"prompt", "responses", "scores"}."""
     if not os.path.exists(path):
         common.fail(f"{path} not found: pass a .jsonl file of {{query, responses, scores}} rows to --rrhf_data")
     rows = []
@@ -148,11 +196,16 @@ def read_rrhf_data(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 common.fail(f"{path} line {n} is not JSON ({e.msg}): one {{query, responses, scores}} object per line")
-            if (not isinstance(row, dict) or not {"query", "responses", "scores"} <= row.keys()
-                    or len(row["responses"]) != len(row["scores"])):
+            fits = (isinstance(row, dict) and {"query", "responses", "scores"} <= row.keys()
+                    and isinstance(row["query"], str) and isinstance(row["responses"], list)
+                    and isinstance(row["scores"], list) and 0 < len(row["responses"]) == len(row["scores"])
+                    and all(isinstance(r, str) for r in row["responses"])
+                    and all(isinstance(s, int | float) and not isinstance(s, bool) for s in row["scores"]))
+            if not fits:
                 has = sorted(row) if isinstance(row, dict) else type(row).__name__
-                common.fail(f"{path} line {n}: need query, responses and scores of equal length (has {has})")
-            rows.append(row)
+                common.fail(f"{path} line {n}: need a query, and responses (text) and scores (numbers) of equal, "
+                            f"nonzero length (has {has})")
+            rows.append({"prompt": row["query"], "responses": row["responses"], "scores": row["scores"]})
     if not rows:
         common.fail(f"{path} has no rows: one {{query, responses, scores}} object per line")
     return rows
@@ -160,101 +213,130 @@ def read_rrhf_data(path: str) -> list[dict]:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
-    start = time.time()
-    common.require_positive(args, "total_episodes", "queries_per_step", "num_samples", "refresh_every",
-                            "max_new_tokens", "eval_batch_size", "target_length")
-    if args.total_episodes < args.queries_per_step:
-        common.fail(f"--total_episodes {args.total_episodes} must be at least --queries_per_step {args.queries_per_step}")
+    check_args(args)
+    device, rank, world_size = common.setup(args)
+    if args.queries_per_step % world_size:
+        common.fail(f"--queries_per_step {args.queries_per_step} must be divisible by the {world_size} processes")
+    num_steps = args.total_queries // args.queries_per_step
+    toy = args.dataset_name == common.TOY
+
+    # ---- data and models: the policy, a reward, the initial model (to sample from, or for the KL) ----
     hint = "run `python sft.py` first or pass --sft_model_path"
     tokenizer = common.load_tokenizer(args.sft_model_path, hint)
-    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
-    common.disable_dropout(policy)
-    reward_fn = common.make_reward_fn(args.reward, tokenizer, device, args.reward_model_path, args.target_length)
     train_rows, test_rows = common.load_data(args.dataset_name, "prompts", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split, args.eval_rows)
-    sources = () if args.rrhf_data else args.sources
-    if args.rrhf_data:  # candidates and their scores come from the file: no sampling, no scoring
+    if args.rrhf_data:  # ready-made rows replace the training prompts, their responses the sources
         train_rows = read_rrhf_data(args.rrhf_data)
-    elif not sources:
-        common.fail("--sources is empty: pick from online, initial, demo")
-
-    # The initial (SFT) model is needed during training only to sample from it or for the KL penalty.
-    ref_policy = None
+    sources = ("data",) if args.rrhf_data else args.sources
+    sampled = [s for s in sources if s in ("online", "initial")]
+    # Every row's candidates that need no sampling are made here, so that the loop has one path.
+    given = [given_candidates(r, tokenizer, args.max_new_tokens, "demo" in sources) for r in train_rows]
+    if not sampled and not all(given):
+        common.fail(f"{sum(not g for g in given)} training rows have no demonstration to rank: add online or "
+                    "initial to --sources, or use a dataset with completions")
+    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
+    # prompts are cut from the left so that prompt + response fit the model's positions
+    max_prompt_tokens = common.max_positions(policy) - args.max_new_tokens
+    train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
+    test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
+    ref_policy = None  # needed during training only to sample from or for the KL term
     if "initial" in sources or args.kl_coef:
-        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).eval()
-        ref_policy.requires_grad_(False)
+        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+    if args.reward == "model":
+        rm_hint = "run `python reward_model.py` first or pass --reward_model_path"
+        rm_tokenizer = common.load_tokenizer(args.reward_model_path, rm_hint)
+        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", rm_hint))
+        reward_model = reward_model.to(device).requires_grad_(False)
+        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     num_models = 1 + (ref_policy is not None) + (args.reward == "model")  # held during training
-    num_steps = max(args.total_episodes // args.queries_per_step, 1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    logger = common.Logger(args.output_dir, args, args.track)
-    print(f"{num_steps} steps of {args.queries_per_step} queries, sources {sources or args.rrhf_data}, "
-          f"{num_models} model(s) in memory, on {device}")
+    policy = common.ddp(policy, device)
+    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler})
+    # The loop's state, fresh or resumed: the data order, the candidates sampled for the coming
+    # steps (OP-k), and the evaluation before training.
+    rng, order, pending, initial, start = random.Random(args.seed), [], [], None, 1
+    if run.resumed:
+        rng, order, pending, initial, start = (run.resumed[k] for k in ("rng", "order", "pending", "initial", "step"))
+        start += 1
+    print(f"{num_steps} steps of {args.queries_per_step} queries, sources {', '.join(sources)}, "
+          f"{num_models} model(s) in memory, on {device} x {world_size}")
 
-    rng = random.Random(args.seed)
-    order: list[int] = []
-    stage_time = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
-    bar = common.progress(total=num_steps, desc="rrhf")
-    for step in range(1, num_steps + 1):
-        # ---- 1. collect candidates, every refresh_every steps for the queries of the next steps ----
-        # Sampling them all at once from the current policy is OP-k without a frozen sampler copy.
-        times = dict.fromkeys(stage_time, 0.0)
-        if (step - 1) % args.refresh_every == 0:
-            t0 = time.time()
-            n_round = args.queries_per_step * min(args.refresh_every, num_steps - step + 1)
-            while len(order) < n_round:  # epochs over the shuffled training rows
+    @torch.no_grad()
+    def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+                   response_mask: torch.Tensor) -> torch.Tensor:
+        """The score of each response (B,): the reward model's, read at the response's last real
+        token, its EOS; or the toy world's gold reward; or the golden length reward."""
+        if args.reward == "gold":
+            texts = common.decode_responses(tokenizer, responses, response_mask)
+            return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
+        if args.reward == "length":
+            n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+            return common.length_reward(n_tokens, args.target_length)
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
+            ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+        with common.autocast(device):
+            return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+
+    def evaluate(step: int, reference) -> tuple[dict, list[dict]]:
+        metrics, samples = common.evaluate(policy, reference, tokenizer, [r["prompt"] for r in test_rows], test_queries,
+                                           get_scores, args.max_new_tokens, args.temperature,
+                                           batch_size=args.eval_batch_size)
+        if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
+            errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
+            metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
+        if toy:
+            metrics |= common.gold_metrics(samples)
+        run.log({f"eval/{k}": v for k, v in metrics.items()} | {"episode": step * args.queries_per_step}, step)
+        return metrics, samples
+
+    if initial is None:  # before training the policy is the initial model: its own reference
+        initial = evaluate(0, common.unwrap(policy))
+    for step in common.progress(range(start, num_steps + 1), desc="rrhf", initial=start - 1, total=num_steps):
+        # ---- 1. every --refresh_every steps: the queries of the coming steps and their candidates ----
+        # The given candidates plus k samples from each sampled source. Sampling the coming steps'
+        # candidates at once from the current policy is the paper's OP-k, without a frozen copy.
+        t0 = time.time()
+        if not pending:
+            n_steps = min(args.refresh_every, num_steps - step + 1)
+            while len(order) < n_steps * args.queries_per_step:  # epochs over the shuffled training rows
                 order += rng.sample(range(len(train_rows)), len(train_rows))
-            round_rows, order = [train_rows[i] for i in order[:n_round]], order[n_round:]
-            prompts = [r["query" if args.rrhf_data else "prompt"] for r in round_rows]
-            query_ids = [common.encode_prompt(tokenizer, p) for p in prompts]
-            candidates: list[list[list[int]]] = [[] for _ in round_rows]  # token ids, per query
-            labels: list[list[str]] = [[] for _ in round_rows]  # the source of each candidate
-            if args.rrhf_data:
-                for i, row in enumerate(round_rows):
-                    candidates[i] = [common.encode_completion(tokenizer, c)[:args.max_new_tokens]
-                                     for c in row["responses"]]
-                    labels[i] = ["data"] * len(candidates[i])
-            for source in sources:
-                if source == "demo":  # the demonstration, or chosen and rejected for preference data
-                    new = [[common.encode_completion(tokenizer, c)[:args.max_new_tokens]
-                            for c in dict.fromkeys((r["completion"], r.get("rejected"))) if c is not None]
-                           for r in round_rows]
-                else:
-                    new = sample(policy if source == "online" else ref_policy, tokenizer, query_ids,
-                                 args.num_samples, args.max_new_tokens, args.temperature, device)
-                for i, responses in enumerate(new):
-                    candidates[i] += responses
-                    labels[i] += [source] * len(responses)
-            times["generation"] = time.time() - t0
+            for j in range(n_steps):  # each step's batch of queries, of which this process takes its share
+                share = order[j * args.queries_per_step:(j + 1) * args.queries_per_step][rank::world_size]
+                pending.append([(i, list(given[i])) for i in share])
+            order = order[n_steps * args.queries_per_step:]
+            coming = [query for share in pending for query in share]
+            for source in sampled:
+                new = sample(policy if source == "online" else ref_policy, tokenizer, [train_queries[i] for i, _ in coming],
+                             args.num_samples, args.max_new_tokens, args.temperature, device)
+                for (_, candidates), responses in zip(coming, new):
+                    candidates += [(response, source, None) for response in responses]
+        batch = pending.pop(0)  # this step's queries: [(row index, [(response, source, reward), ...])]
+        t1 = time.time()
 
-        # ---- 2. this step's queries: score every candidate with the reward ----
-        t0 = time.time()
-        first = (step - 1) % args.refresh_every * args.queries_per_step
-        batch = range(first, first + args.queries_per_step)
-        k_max = max(len(candidates[i]) for i in batch)
-        valid = torch.tensor([[j < len(candidates[i]) for j in range(k_max)] for i in batch], device=device)
-        flat = [(i, response) for i in batch for response in candidates[i]]  # the N real candidates
-        flat_labels = [label for i in batch for label in labels[i]]
-        queries, query_mask, responses, response_mask = (
-            t.to(device) for t in pack([query_ids[i] for i, _ in flat], [r for _, r in flat], tokenizer.pad_token_id))
-        rewards = torch.zeros(valid.shape, device=device)  # (Q, K); padding slots are masked by `valid`
+        # ---- 2. score the candidates with the reward (ready-made rows come scored) ----
+        flat = [(i, *candidate) for i, candidates in batch for candidate in candidates]  # the N real candidates
+        queries, query_mask, responses, response_mask = (t.to(device) for t in pack(
+            [train_queries[i] for i, *_ in flat], [response for _, response, *_ in flat], tokenizer.pad_token_id))
+        flat_rewards = torch.tensor([0.0 if r is None else r for *_, r in flat], device=device)  # (N,)
+        todo = [n for n, (*_, r) in enumerate(flat) if r is None]  # all but the ready-made candidates
         # A response cut at max_new_tokens without EOS is scored like any other: its reward is
-        # whatever the reward function gives it (the reward model reads its last token).
-        if args.rrhf_data:
-            rewards[valid] = torch.tensor([s for i in batch for s in round_rows[i]["scores"]], device=device)
-        else:
-            rewards[valid] = reward_fn([prompts[i] for i, _ in flat], queries, query_mask, responses, response_mask)
-        times["scoring"] = time.time() - t0
+        # whatever the reward gives it (the reward model reads its last token).
+        if todo:
+            flat_rewards[todo] = get_scores([train_rows[flat[n][0]]["prompt"] for n in todo], queries[todo],
+                                            query_mask[todo], responses[todo], response_mask[todo]).float()
+        valid = torch.tensor([[j < len(candidates) for j in range(max(len(c) for _, c in batch))]
+                              for _, candidates in batch], device=device)  # (Q, K)
+        rewards = torch.zeros(valid.shape, device=device).masked_scatter(valid, flat_rewards)
+        t2 = time.time()
 
-        # ---- 3. the RRHF loss over all candidates of all queries, in one forward pass ----
-        t0 = time.time()
+        # ---- 3. the RRHF loss over all candidates of this process's queries, in one forward pass ----
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         with common.autocast(device):
             logprobs, _ = common.response_logprobs(policy, ids, mask, queries.shape[1])  # (N, R)
         zeros = torch.zeros(valid.shape, device=device)
-        scores = zeros.masked_scatter(valid, sequence_scores(logprobs, response_mask, args.length_penalty))  # p_i
+        scores = zeros.masked_scatter(valid, sequence_scores(logprobs, response_mask, args.length_power))  # p_i
         sum_logprobs = zeros.masked_scatter(valid, sequence_scores(logprobs, response_mask, 0.0))  # (Q, K)
         ranking_rewards, kl = rewards, None
         # With --kl_coef, rank by r - beta * log(pi(y) / pi_ref(y)), PPO's sequence-level KL penalty
@@ -270,55 +352,48 @@ if __name__ == "__main__":
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        run.check_finite(step, loss=loss, grad_norm=grad_norm)
         optimizer.step()
         scheduler.step()
-        times["training"] = time.time() - t0
-        bar.update()
+        t3 = time.time()
 
-        # ---- 4. logging: losses, how well the scores already rank the candidates, their rewards ----
+        # ---- 4. logging (averaged over processes): losses, how well the scores already rank the
+        # candidates, their rewards; checkpoint ----
         pairs = ranked_pairs(ranking_rewards, valid)
-        correct = (pairs & (scores[:, :, None] < scores[:, None, :])).sum() / pairs.sum().clamp(min=1)
+        every = torch.ones_like(flat_rewards)
         lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
         ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).float()
-        metrics = {"episode": step * args.queries_per_step, "loss/rank": loss_rank.detach(),
-                   "loss/ft": loss_ft.detach(), "loss/total": loss.detach(), "rank/accuracy": correct,
-                   "objective/scores": rewards[valid].mean(), "objective/rlhf_reward": ranking_rewards[valid].mean(),
-                   "response/length": lengths.mean(), "response/eos_rate": ended.mean(), "grad_norm": grad_norm,
-                   "lr": scheduler.get_last_lr()[0], "eps": step * args.queries_per_step / (time.time() - start)}
+        metrics = {"episode": step * args.queries_per_step, "loss/rank": loss_rank.item(), "loss/ft": loss_ft.item(),
+                   "loss/total": loss.item(),
+                   "rank/accuracy": common.masked_mean((scores[:, :, None] < scores[:, None, :]).float(), pairs).item(),
+                   "objective/scores": common.masked_mean(rewards, valid).item(),
+                   "objective/rlhf_reward": common.masked_mean(ranking_rewards, valid).item(),
+                   "response/length": common.masked_mean(lengths, every).item(),
+                   "response/eos_rate": common.masked_mean(ended, every).item(), "grad_norm": grad_norm.item(),
+                   "lr": scheduler.get_last_lr()[0], "time/generation": t1 - t0, "time/scoring": t2 - t1,
+                   "time/training": t3 - t2, "eps": len(batch) / (t3 - t0)}  # queries per second, per process
         if kl is not None:
-            metrics["objective/kl"] = kl[valid].mean()
+            metrics["objective/kl"] = common.masked_mean(kl, valid).item()
+        source_of = [source for _, _, source, _ in flat]
         for source in sources:  # each source's mean reward: `online` is the policy's own
-            metrics[f"objective/scores_{source}"] = rewards[valid][[s == source for s in flat_labels]].mean()
-        if "online" in sources and args.dataset_name == common.TOY:  # true quality of the policy's samples
+            is_source = torch.tensor([s == source for s in source_of], device=device)
+            metrics[f"objective/scores_{source}"] = common.masked_mean(flat_rewards, is_source).item()
+        if toy and "online" in sources:  # the true quality of the policy's own samples
             texts = common.decode_responses(tokenizer, responses, response_mask)
-            online = [(prompts[i], t) for (i, _), t, s in zip(flat, texts, flat_labels) if s == "online"]
-            metrics["gold/reward"] = sum(common.gold_reward(p, t) for p, t in online) / len(online)
-            metrics["gold/well_formed"] = sum(common.well_formed(p, t) for p, t in online) / len(online)
-        for stage, seconds in times.items():
-            stage_time[stage] += seconds
-            metrics[f"time/{stage}"] = seconds
-        logger.log(metrics, step)
-    bar.close()
+            online = [{"prompt": train_rows[i]["prompt"], "response": t}
+                      for (i, *_), t, s in zip(flat, texts, source_of) if s == "online"]
+            gold = common.gold_metrics(online)
+            metrics |= {"gold/reward": gold["gold"], "gold/well_formed": gold["well_formed"]}
+        run.log(metrics, step)
+        if step % args.save_every == 0 and step < num_steps:
+            run.save(step, rng=rng, order=order, pending=pending, initial=initial)
 
-    # ---- 5. evaluation on held-out prompts, with the same keys as ppo.py, before and after ----
-    train_time = time.time() - start
+    # ---- 5. evaluation on held-out prompts, with the same keys as ppo.py, and saving ----
     if ref_policy is None:  # the KL to the initial model needs it, though training did not
-        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).eval()
-    toy = args.dataset_name == common.TOY
-    target_length = args.target_length if args.reward == "length" else None
-    results = []
-    for model in (policy, ref_policy):  # evaluate() fixes its own seed: a less noisy difference
-        results.append(common.evaluate(model, ref_policy, tokenizer, test_rows, reward_fn, device, args.max_new_tokens,
-                                       args.temperature, args.eval_batch_size, target_length=target_length, toy=toy))
-    (summary, samples), (initial, initial_samples) = results
-    summary |= common.length_stratified_gain(  # how much of the reward gain is only longer responses
-        [s["reward"] for s in initial_samples], [s["length"] for s in initial_samples],
-        [s["reward"] for s in samples], [s["length"] for s in samples])
-    summary |= {"num_models": num_models, "train_time": round(train_time, 1),
-                "initial": initial,
-                **{f"time/{stage}": round(s, 1) for stage, s in stage_time.items()}}
-    common.print_samples(samples)
-    print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float | int)))
-    print("initial: " + " ".join(f"{k}={v:.4g}" for k, v in initial.items()))
-    common.save_run(args.output_dir, policy, tokenizer, args, summary)
-    logger.close()
+        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+    summary, samples = evaluate(num_steps, ref_policy)
+    if rank == 0:
+        for s in samples[:3]:
+            print(f"  prompt: {s['prompt']!r}\n  sample: {s['response']!r}")
+    run.finish(policy, tokenizer, summary | {"initial": initial[0], "num_models": num_models},
+               samples=samples, initial_samples=initial[1])

@@ -7,7 +7,6 @@ Train a causal LM on prompt/completion demonstrations with the loss on completio
     python sft.py --model_name_or_path EleutherAI/pythia-160m --dataset_name trl-lib/tldr
 """
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -70,7 +69,7 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[in
         completion = common.encode_completion(tokenizer, row["completion"])
         if len(prompt) + len(completion) <= max_length:
             examples.append((prompt + completion, [-100] * len(prompt) + completion))
-    if len(examples) < len(rows):
+    if len(examples) < len(rows) and common.rank() == 0:
         print(f"note: {len(rows) - len(examples)} of {len(rows)} examples are longer than {max_length} tokens: left out")
     if not examples:
         common.fail(f"no example fits in {max_length} tokens: raise --max_length (at most the model's positions)")
@@ -98,7 +97,7 @@ def eval_loss(model, examples, pad_id, batch_size, device) -> float:
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         ids, mask, labels = (t.to(device) for t in collate(examples[i:i + batch_size], pad_id))
-        logits = common.forward(model, ids, mask).logits[:, :-1]
+        logits = common.forward(common.unwrap(model), ids, mask).logits[:, :-1]  # no DDP: shares differ in size
         total += torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
                                                    reduction="sum").item()
         count += (labels[:, 1:] != -100).sum().item()
@@ -119,7 +118,9 @@ if __name__ == "__main__":
     model = common.load_model(args.model_name_or_path, tokenizer).to(device)
     max_length = min(args.max_length, common.max_positions(model))
     train, test = tokenize(train_rows, tokenizer, max_length), tokenize(test_rows, tokenizer, max_length)
-    steps_per_epoch = math.ceil(len(train) / args.batch_size)
+    if len(train) < world_size:
+        common.fail(f"{len(train)} training examples cannot be shared by {world_size} processes")
+    steps_per_epoch = max(1, len(train) // args.batch_size)  # full batches only (a last partial one is left out)
     num_steps = args.num_epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)

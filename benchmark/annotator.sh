@@ -8,7 +8,8 @@
 #     python benchmark/report.py table runs/bench/annotator --initial ppo_k2_c0.1 \
 #         --keys gold reward kl length well_formed
 #
-# Runs go to $OUT/rm_k<k>_c<c> and $OUT/ppo_k<k>_c<c>_s1; a run whose summary.json exists is skipped.
+# Runs go to $OUT/rm_k<k>_c<c> and $OUT/ppo_k<k>_c<c>_s1; a run whose summary.json exists is skipped,
+# and an unfinished one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench/annotator}
@@ -21,9 +22,9 @@ mkdir -p "$OUT"
 setting() {  # setting K C: the reward model, then PPO on it
     local k=$1 c=$2 rm="$OUT/rm_k$1_c$2" ppo="$OUT/ppo_k$1_c$2_s1"
     [ -f "$rm/summary.json" ] || python benchmark/annotator.py "$k" "$c" reward_model.py \
-        --model_name_or_path "$SFT" --output_dir "$rm" > "$rm.log" 2>&1 || { echo "$rm failed: see $rm.log"; return 1; }
+        --model_name_or_path "$SFT" --output_dir "$rm" --overwrite > "$rm.log" 2>&1 || { echo "$rm failed: see $rm.log"; return 1; }
     [ -f "$ppo/summary.json" ] || python ppo.py --sft_model_path "$SFT" --reward_model_path "$rm" \
-        --total_episodes 3200 --output_dir "$ppo" > "$ppo.log" 2>&1 || { echo "$ppo failed: see $ppo.log"; return 1; }
+        --total_episodes 3200 --output_dir "$ppo" --overwrite > "$ppo.log" 2>&1 || { echo "$ppo failed: see $ppo.log"; return 1; }
     echo "$(date +%T) done k=$k c=$c"
 }
 

@@ -5,10 +5,11 @@
 #
 #     bash benchmark/golden_length.sh
 #     python benchmark/report.py table runs/bench/golden_length --initial length20 \
-#         --keys length length_error within_10pct gold well_formed train_time
+#         --keys length length_error within_10pct gold well_formed wall_time
 #     python benchmark/report.py points runs/bench/golden_length --at 5 10 20 --keys response/length_error
 #
-# Runs go to $OUT/length<N>_s<seed>; a run whose summary.json exists is skipped.
+# Runs go to $OUT/length<N>_s<seed>; a run whose summary.json exists is skipped, and an unfinished
+# one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench/golden_length}
@@ -22,7 +23,7 @@ run() {  # run NAME ARGS...: one ppo.py run into $OUT/NAME, its output in $OUT/N
     local name=$1; shift
     [ -f "$OUT/$name/summary.json" ] && return
     python ppo.py --sft_model_path "$SFT" --reward length --total_episodes 1280 --eval_every 5 "$@" \
-        --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
+        --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
     echo "$(date +%T) done $name"
 }
 
@@ -33,5 +34,5 @@ for s in $SEEDS; do
     done
 done
 wait
-python benchmark/report.py table "$OUT" --keys length length_error within_10pct gold well_formed train_time \
+python benchmark/report.py table "$OUT" --keys length length_error within_10pct gold well_formed wall_time \
     | tee "$OUT/table.md"

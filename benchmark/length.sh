@@ -13,13 +13,15 @@
 #    with one fixed seed and scored by the SAME reward model (rm_default), the gold reward, length and
 #    KL to the SFT model, so that all rows are comparable (the runs on rm_balance/rm_augment and LPPO
 #    trained on another reward, whose value their own summary.json reports). The length-stratified
-#    gain (Singhal et al.'s NRG) is computed on rm_default's reward against the SFT samples.
+#    gain (Singhal et al.'s NRG, benchmark/analysis.py) is computed on rm_default's reward against the
+#    SFT samples.
 #
 #   bash benchmark/length.sh                     # needs $SFT (default runs/sft); 72 min on 2 shared, busy cores
 #   SEEDS="1" JOBS=1 bash benchmark/length.sh    # smaller
 #
 # Runs go to $OUT/<name>_s<seed> (stdout in $OUT/<name>_s<seed>.log); a finished run (one with
-# summary.json) is skipped, so the script resumes where it stopped. Tables: $OUT/table.md.
+# summary.json) is skipped, so the script resumes where it stopped (an unfinished run is started
+# again: --overwrite). Tables: $OUT/table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -31,7 +33,7 @@ TARGET=${TARGET:-17}     # N of the length penalty: the SFT policy's mean length
 LONG=${LONG:-40}         # LPPO's target: a long one, more than twice the SFT length
 SAMPLES=${SAMPLES:-2}    # samples per held-out prompt in the final scoring
 # The PPO budget, equal for every run.
-BUDGET=(--sft_model_path "$SFT" --total_episodes 3200 --batch_size 64 --eval_every 10 --eval_prompts 128)
+BUDGET=(--sft_model_path "$SFT" --total_episodes 3200 --batch_size 64 --eval_every 10 --eval_rows 128)
 
 run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
     local name=$1; shift
@@ -39,7 +41,7 @@ run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
     echo "$(date +%T) start $name: python $*"
     local timer=()  # per-run wall and CPU time in $OUT/time.log, where GNU time is installed
     [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "$name: %e s wall, %U s user, %S s sys" -a -o "$OUT/time.log")
-    "${timer[@]}" python "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    "${timer[@]}" python "$@" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
         || { echo "$name failed: see $OUT/$name.log"; return 1; }
     echo "$(date +%T) done $name"
 }
@@ -94,30 +96,36 @@ import torch
 
 import common
 
+sys.path.insert(0, "benchmark")
+from analysis import length_stratified_gain, run_gains  # benchmark/analysis.py
+
 out, sft, samples_per_prompt = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 RMS = ("rm_default", "rm_balance", "rm_augment")
-device = torch.device("cpu")
+MAX_NEW_TOKENS = 48
 tokenizer = common.load_tokenizer(sft)
-ref = common.load_model(sft, tokenizer).to(device).eval()
+ref = common.load_model(sft, tokenizer).eval()
 _, test = common.load_data(common.TOY, "prompts", tokenizer, test_rows=256)
-rows = test * samples_per_prompt
-reward_fns = {rm: common.make_reward_fn("model", tokenizer, device, str(out / rm)) for rm in RMS}
+prompts = [r["prompt"] for r in test] * samples_per_prompt
+queries = common.encode_prompts(tokenizer, prompts, common.max_positions(ref) - MAX_NEW_TOKENS)
+# the reward models are trained from the SFT model: they read the policies' token ids as they are
+reward_models = {rm: common.TokenScores(common.load_model(str(out / rm), tokenizer, "score")).eval() for rm in RMS}
 
 
 def sample(path: str) -> list[dict]:
     """Samples of a policy on the held-out prompts, each scored by every reward model (cached)."""
-    cache = out / (Path(path).name + ".samples.json" if path == sft else Path(path).name + "/samples.json")
+    cache = out / (Path(path).name + ".rescored_samples.json" if path == sft else Path(path).name + "/rescored_samples.json")
     if cache.exists():
         return json.loads(cache.read_text())
-    policy = common.load_model(path, tokenizer).to(device).eval()
+    policy = common.load_model(path, tokenizer).eval()
     extra = []
 
-    def reward_fn(*batch):
-        extra.append({rm: fn(*batch).tolist() for rm, fn in reward_fns.items()})
+    def score_fn(prompts, queries, query_mask, responses, response_mask):
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        extra.append({rm: common.last_token_scores(model, ids, mask).tolist() for rm, model in reward_models.items()})
         return torch.tensor(extra[-1]["rm_default"])
 
-    common.seed_everything(1234)
-    _, samples = common.evaluate(policy, ref, tokenizer, rows, reward_fn, device, 48, toy=True)
+    _, samples = common.evaluate(policy, ref, tokenizer, prompts, queries, score_fn, MAX_NEW_TOKENS, seed=1234)
+    common.gold_metrics(samples)
     scores = {rm: [x for e in extra for x in e[rm]] for rm in RMS}
     for i, s in enumerate(samples):
         s.update({rm: scores[rm][i] for rm in RMS})
@@ -133,22 +141,9 @@ def pearson(xs, ys):
     return torch.corrcoef(torch.tensor([xs, ys], dtype=torch.float64))[0, 1].item()
 
 
-def policy_weighted_share(b_rew, b_len, rew, lens, width=5):
-    """1 - stratified/total gain, with the per-bin gains weighted by the trained policy's own counts
-    (common.length_stratified_gain weights by SFT + policy counts, which lets a bin holding 1-2 policy
-    samples but hundreds of SFT ones weigh as much as the policy's main bins)."""
-    bins: dict[int, tuple[list, list]] = {}
-    for group, (rs, ls) in enumerate(((b_rew, b_len), (rew, lens))):
-        for r, n in zip(rs, ls):
-            bins.setdefault(n // width, ([], []))[group].append(r)
-    shared = [(b, p) for b, p in bins.values() if b and p]
-    stratified = sum(len(p) * (mean(p) - mean(b)) for b, p in shared) / sum(len(p) for _, p in shared)
-    return 1 - stratified / (mean(rew) - mean(b_rew))
-
-
 def bootstrap_share(b_rew, b_len, runs, n=300):
-    """5th-95th percentile of the seed-mean of common.length_stratified_gain's length share (5-token
-    bins) when the SFT samples and each seed's policy samples are resampled with replacement."""
+    """5th-95th percentile of the seed-mean of the length share (5-token bins, SFT + policy weights)
+    when the SFT samples and each seed's policy samples are resampled with replacement."""
     rng = random.Random(0)
     draw = lambda xs: [rng.randrange(len(xs)) for _ in xs]  # noqa: E731
     shares = []
@@ -157,8 +152,8 @@ def bootstrap_share(b_rew, b_len, runs, n=300):
         per_seed = []
         for rew, lens in runs:
             j = draw(rew)
-            per_seed.append(common.length_stratified_gain([b_rew[k] for k in i], [b_len[k] for k in i],
-                                                          [rew[k] for k in j], [lens[k] for k in j], 5)["length_share"])
+            per_seed.append(length_stratified_gain([b_rew[k] for k in i], [b_len[k] for k in i],
+                                                   [rew[k] for k in j], [lens[k] for k in j], 5)["length_share"])
         shares.append(mean(per_seed))
     shares.sort()
     return f"{shares[int(0.05 * n)]:.2f} .. {shares[int(0.95 * n)]:.2f}"
@@ -213,12 +208,12 @@ for run in runs:
     base_bins = {n // 5 for n in b_len}
     row["matched"] = mean([n // 5 in base_bins for n in lens])  # share of samples in bins the SFT samples also fill
     for width in (5, 2):
-        g = common.length_stratified_gain(b_rew, b_len, rew, lens, width)
-        row |= {f"gain": g["reward_gain"], f"strat{width}": g["length_stratified_gain"], f"share{width}": g["length_share"]}
-    row["share5_policy"] = policy_weighted_share(b_rew, b_len, rew, lens)
+        g = length_stratified_gain(b_rew, b_len, rew, lens, width)
+        row |= {"gain": g["reward_gain"], f"strat{width}": g["length_stratified_gain"], f"share{width}": g["length_share"]}
+    row["share5_policy"] = length_stratified_gain(b_rew, b_len, rew, lens, 5, weights="policy")["length_share"]
     row["samples"] = (rew, lens)
-    summary = json.loads((run / "summary.json").read_text())
-    row |= {"own_" + k: summary[k] for k in ("reward", "reward_gain", "length_share")}
+    summary, own = json.loads((run / "summary.json").read_text()), run_gains(run)["reward"]
+    row |= {"own_reward": summary["reward"], "own_reward_gain": own["reward_gain"], "own_length_share": own["length_share"]}
     row["own_reward0"] = summary["initial"]["reward"]
     groups.setdefault(re.sub(r"_s\d+$", "", run.name), []).append(row)
 
@@ -241,7 +236,8 @@ for name, rs in groups.items():
     print(f"| {name} | {len(rs)} | {c('rm')} | {c('gold')} | {c('length', 1)} | {c('kl', 1)} | {c('well_formed', 3)} | "
           f"{c('eos')} | {c('gain')} | {c('strat5')} | {c('share5')} | {interval} | {c('share2')} | {c('share5_policy')} | {c('matched')} |")
 
-print("\n## The same policies under the other reward models, and ppo.py's own summary (128 samples, its training reward)\n")
+print("\n## The same policies under the other reward models, and ppo.py's own evaluation (its 128 samples before and "
+      "after training, its training reward; gain and share by benchmark/analysis.py)\n")
 print(f"| policy | rm_balance reward (SFT {sft_row['rm_balance']:.2f}) | rm_augment reward (SFT {sft_row['rm_augment']:.2f}) |"
       " own reward: initial -> final | own reward_gain | own length_share |")
 print("|---|---|---|---|---|---|")

@@ -41,7 +41,7 @@ class Args:
     """the reward model the runs optimized (for `alignment`)"""
     min_well_formed: float = 0.9
     """`pick`: only coefficients whose final well-formed rate is at least this qualify"""
-    eval_prompts: int = 128
+    eval_rows: int = 128
     """`alignment`: held-out prompts to evaluate on"""
     alignment_bins: int = 10
     """`alignment`: histogram bins, as rcfd.py's --alignment_bins"""
@@ -71,44 +71,66 @@ def pick(root: Path, min_well_formed: float) -> None:
     print(f"{max(eligible, key=lambda r: r[1])[0]:g}")
 
 
-def demo_score_fn(tokenizer, reward_fn, device):
-    """score_fn(prompts, completions) -> (n, 1) for rcfd.demo_rewards, scored as rcfd.py scores them."""
+def reward_model_scores(tokenizer, reward_model_path: str, device: torch.device):
+    """score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,): the reward model's
+    score read at each response's last real token, as ppo.py and rcfd.py score their rollouts."""
+    rm_tokenizer = common.load_tokenizer(reward_model_path)
+    reward_model = common.TokenScores(common.load_model(reward_model_path, rm_tokenizer, "score")).to(device).eval()
+    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+
+    @torch.no_grad()
+    def score_fn(prompts, queries, query_mask, responses, response_mask) -> torch.Tensor:
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
+            ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+        with common.autocast(device):
+            return common.last_token_scores(reward_model, ids.to(device), mask.to(device)).float()
+    return score_fn
+
+
+def demo_score_fn(tokenizer, score_fn, max_prompt_tokens: int, max_positions: int, device: torch.device):
+    """score_texts(prompts, completions) -> (n, 1) for rcfd.demo_rewards, scored as rcfd.py scores
+    demonstrations: the prompt cut as the queries are, the completion and EOS as the response."""
     def score_texts(prompts: list[str], completions: list[str]) -> torch.Tensor:
-        queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts],
-                                         tokenizer.pad_token_id, "left")
-        responses, response_mask = common.pad([common.encode_completion(tokenizer, c) for c in completions],
-                                              tokenizer.pad_token_id, "right")
-        return reward_fn(prompts, queries.to(device), query_mask.to(device), responses.to(device),
-                         response_mask.to(device))[:, None]
+        queries = [common.encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+        responses = [common.encode_completion(tokenizer, c)[:max_positions - len(q)] for q, c in zip(queries, completions)]
+        (query_ids, query_mask), (response_ids, response_mask) = (
+            common.pad(queries, tokenizer.pad_token_id, "left"), common.pad(responses, tokenizer.pad_token_id, "right"))
+        return score_fn(prompts, query_ids.to(device), query_mask.to(device), response_ids.to(device),
+                        response_mask.to(device))[:, None].cpu()
     return score_texts
 
 
 @torch.no_grad()
-def alignment(root: Path, reward_model_path: str, eval_prompts: int, bins: int) -> None:
+def alignment(root: Path, reward_model_path: str, eval_rows: int, bins: int) -> None:
     """Write alignment.json into each run: the saved policy's rewards on the held-out prompts
     against its demonstrations' rewards, with the same reward model for every run. A run that
     already has one is skipped (delete the file to recompute it)."""
-    device = common.pick_device("auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for runs in group_runs(root).values():
         for run in runs:
             if (run / "alignment.json").exists():
                 continue
-            common.seed_everything(0)
             args = json.loads((run / "args.json").read_text())
             tokenizer = common.load_tokenizer(str(run))
             policy = common.load_model(str(run), tokenizer).to(device).eval()
             ref_policy = common.load_model(args["sft_model_path"], tokenizer).to(device).eval()
-            reward_fn = common.make_reward_fn("model", tokenizer, device, reward_model_path)
-            _, test_rows = common.load_data(args["dataset_name"], "prompts", tokenizer, test_rows=eval_prompts)
+            score_fn = reward_model_scores(tokenizer, reward_model_path, device)
+            _, test_rows = common.load_data(args["dataset_name"], "prompts", tokenizer, args["dataset_config"],
+                                            args["dataset_train_split"], args["dataset_test_split"], eval_rows)
+            max_positions = common.max_positions(policy)
+            max_prompt_tokens = max_positions - args["max_new_tokens"]
+            prompts = [r["prompt"] for r in test_rows]
+            queries = common.encode_prompts(tokenizer, prompts, max_prompt_tokens)
 
-            score_fn = demo_score_fn(tokenizer, reward_fn, device)
-            demo = rcfd.demo_rewards(list(range(len(test_rows))), test_rows, {}, score_fn)[:, 0]
-            metrics, samples = common.evaluate(policy, ref_policy, tokenizer, test_rows, reward_fn, device,
-                                               args["max_new_tokens"], args["temperature"], toy=True)
-            rewards = torch.tensor([s["reward"] for s in samples])
+            score_texts = demo_score_fn(tokenizer, score_fn, max_prompt_tokens, max_positions, device)
+            demo = rcfd.demo_rewards(list(range(len(test_rows))), test_rows, {}, score_texts)[:, 0]
+            metrics, samples = common.evaluate(policy, ref_policy, tokenizer, prompts, queries, score_fn,
+                                               args["max_new_tokens"], args["temperature"])
+            rewards = torch.tensor([s["score"] for s in samples])
             result = {"alignment_kl": rcfd.alignment_kl(demo, rewards, bins), "reward": metrics["reward"],
                       "reward_std": rewards.std().item(), "demo_reward": demo.mean().item(),
-                      "demo_reward_std": demo.std().item(), "gold": metrics["gold"],
+                      "demo_reward_std": demo.std().item(), "gold": common.gold_metrics(samples)["gold"],
                       "samples": [f"{s['prompt']} || {s['response']}" for s in samples[:4]]}
             common.write_json(run / "alignment.json", result)
             print(run.name, " ".join(f"{k}={v:.3f}" for k, v in result.items() if k != "samples"), file=sys.stderr)
@@ -147,6 +169,6 @@ if __name__ == "__main__":
     if args.command == "pick":
         pick(args.runs, args.min_well_formed)
     elif args.command == "alignment":
-        alignment(args.runs, args.reward_model_path, args.eval_prompts, args.alignment_bins)
+        alignment(args.runs, args.reward_model_path, args.eval_rows, args.alignment_bins)
     else:
         print(table(args.runs, args.at))

@@ -7,7 +7,8 @@
 #   bash benchmark/overoptimization.sh                       # needs runs/sft and runs/reward_model
 #   SFT=runs/bench/pipeline/sft_s1 RM=runs/bench/pipeline/reward_model_s1 bash benchmark/overoptimization.sh
 #
-# A finished run (one with summary.json) is skipped, so the script resumes where it stopped.
+# A finished run (one with summary.json) is skipped, so the script resumes where it stopped (an
+# unfinished run is started again: --overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -18,14 +19,14 @@ SEEDS=${SEEDS:-1 2 3}
 SWEEP=${SWEEP:-0.02 0.1 0.5}
 JOBS=${JOBS:-3}
 # The budget, equal for every method: 24 iterations of 64 responses, held-out evaluation every 4.
-BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_prompts 128
+BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_rows 128
         --learning_rate 3e-4)
 
 run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME, its stdout in $OUT/NAME.log
     local name=$1; shift
     [ -f "$OUT/$name/summary.json" ] && return
     echo "$(date +%T) $name: python $* ${BUDGET[*]}"
-    python "$@" "${BUDGET[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    python "$@" "${BUDGET[@]}" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
         || { echo "$name failed: see $OUT/$name.log"; return 1; }
 }
 

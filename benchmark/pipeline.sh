@@ -4,7 +4,8 @@
 # length-only PPO (--reward length --target_length 30) from them, each with its defaults except an
 # equal budget of $EPISODES sampled responses for the PPO-style methods (RRHF keeps its default
 # budget: 512 prompts with 8 samples of the SFT model each). Runs go to $OUT/<algo>_s<seed>; a run
-# whose summary.json exists is skipped, so the script resumes where it stopped.
+# whose summary.json exists is skipped, so the script resumes where it stopped (an unfinished run is
+# started again: --overwrite).
 #
 #     bash benchmark/pipeline.sh
 #     python benchmark/report.py table runs/bench/pipeline --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb
@@ -25,7 +26,7 @@ run() {  # run NAME SCRIPT ARGS...: one run into $OUT/NAME, its output in $OUT/N
     local name=$1 script=$2; shift 2
     [ -f "$OUT/$name/summary.json" ] && return
     echo "$(date +%T) start $name"
-    python "$script" "$@" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    python "$script" "$@" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
         || { echo "$name failed: see $OUT/$name.log"; return 1; }
     echo "$(date +%T) done $name"
 }

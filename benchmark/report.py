@@ -23,7 +23,7 @@ from typing import Literal
 
 import tyro
 
-TABLE_KEYS = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "train_time", "peak_memory_mb")
+TABLE_KEYS = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "wall_time", "peak_memory_mb")
 TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "eps", "tokens_per_second")
 CURVE_KEYS = ("gold/reward", "objective/scores", "objective/kl", "response/length", "gold/well_formed")
 

@@ -9,7 +9,8 @@
 #     python benchmark/report.py table runs/bench/rrhf --initial default \
 #         --keys gold reward kl length well_formed wall_time peak_memory_mb
 #
-# Runs go to $OUT/<name>_s<seed>; a run whose summary.json exists is skipped.
+# Runs go to $OUT/<name>_s<seed>; a run whose summary.json exists is skipped, and an unfinished one
+# is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench/rrhf}
@@ -23,7 +24,7 @@ mkdir -p "$OUT"
 run() {  # run NAME ARGS...: one rrhf.py run into $OUT/NAME, its output in $OUT/NAME.log
     local name=$1; shift
     [ -f "$OUT/$name/summary.json" ] && return
-    python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@" --output_dir "$OUT/$name" \
+    python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@" --output_dir "$OUT/$name" --overwrite \
         > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
     echo "$(date +%T) done $name"
 }

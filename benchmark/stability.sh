@@ -13,18 +13,20 @@
 #     python benchmark/stability_table.py runs/bench/stability_extra
 #
 # Needs runs/sft and the reward model at $RM (default runs/reward_model: run the default pipeline first).
+# A run whose summary.json exists is skipped, and an unfinished one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench}
-SETTING=(--reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_prompts 64 --eval_every 10)
+SETTING=(--reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_rows 64 --eval_every 10)
 
-run() {  # run SCRIPT RUN_DIR [extra flags...]
+run() {  # run SCRIPT RUN_DIR [extra flags...]: its output in RUN_DIR.log (a run folder holds only the run)
   local script=$1 dir=$2
   shift 2
-  mkdir -p "$dir"
-  OMP_NUM_THREADS=1 python "$script" "${SETTING[@]}" --output_dir "$dir" "$@" > "$dir/train.log" 2>&1 \
-    || { echo "failed: see $dir/train.log"; exit 1; }
+  [ -f "$dir/summary.json" ] && return
+  mkdir -p "$(dirname "$dir")"
+  OMP_NUM_THREADS=1 python "$script" "${SETTING[@]}" --output_dir "$dir" --overwrite "$@" > "$dir.log" 2>&1 \
+    || { echo "failed: see $dir.log"; exit 1; }
   echo "done $dir"
 }
 

@@ -71,7 +71,7 @@ def main(root: Path, window: int = 5) -> None:
             parts.append(f"{smooth[peak]:.2f} @ {peak} -> {smooth[last]:.2f}")
         print(f"| {name} | {'; '.join(parts)} |")
     print("\nFinal held-out evaluation (summary.json), mean ± half-range over seeds:\n")
-    keys = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "train_time")
+    keys = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "wall_time")
     print("| algo | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for name in groups:

@@ -1,6 +1,8 @@
 """Shared fixtures: run scripts as subprocesses (as CleanRL's tests do), offline, on the CPU."""
 
 import os
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,17 +11,33 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                   TOKENIZERS_PARALLELISM="false")
 
 
-def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python <script> <args>` from the repository root; fail the test with its output."""
     result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, check=False,
-                            text=True, timeout=900)
+                            text=True, timeout=900, env=env)
     if check and result.returncode != 0:
         pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def run_main(script: str, *args: str) -> int:
+    """Run a script's main in this process, for checks that stop it before any model is loaded: no
+    new interpreter, so no seconds of imports. Returns the exit status (0 if it ran to the end)."""
+    argv, handler = sys.argv, signal.getsignal(signal.SIGINT)
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = argv
+        signal.signal(signal.SIGINT, handler)
+    return 0
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +46,13 @@ def sft_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sft")
     run_script("sft.py", "--output_dir", str(out), "--num_epochs", "1", "--max_train_rows", "512",
                "--eval_rows", "32", "--eval_every", "4", "--learning_rate", "3e-3")
+    return out
+
+
+@pytest.fixture(scope="session")
+def reward_model(sft_model, tmp_path_factory) -> Path:
+    """A toy reward model trained for a few seconds on top of the SFT model."""
+    out = tmp_path_factory.mktemp("reward_model")
+    run_script("reward_model.py", "--model_name_or_path", str(sft_model), "--output_dir", str(out), "--num_epochs", "1",
+               "--max_train_rows", "256", "--eval_rows", "32", "--demo_rows", "64")
     return out

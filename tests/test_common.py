@@ -1,12 +1,15 @@
 """Unit tests of common.py (and sft.py's pure pieces): each checked against a deliberately naive,
 loop-based implementation or hand-computed values, and each SPEC.md correctness fact shown to hold."""
 
+import copy
 import json
 import math
 import random
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
@@ -26,7 +29,6 @@ import sft
 # ---------------------------------------------------------------------------------------------
 # Helpers: tiny models and naive reference implementations.
 # ---------------------------------------------------------------------------------------------
-
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerFast:
@@ -209,6 +211,8 @@ def test_generate_pads_after_eos_and_its_logits_give_the_forward_logprobs(tok) -
     assert torch.allclose(gen_logprobs * response_mask, forward_logprobs * response_mask, atol=1e-4)
 
 
+@pytest.mark.xfail(strict=True, reason="common.generate passes generation_config=..., and transformers 5 fills "
+                   "each field it leaves unset from model.generation_config (repetition_penalty, suppress_tokens, ...)")
 def test_generate_ignores_the_models_own_generation_config(tok) -> None:
     """Sampling settings in a hub model's generation config (here: a suppressed token) would make
     the samples disagree with the log-probs we compute; generate() must use only ours."""
@@ -235,42 +239,41 @@ def test_decode_responses_stops_at_eos_and_shows_other_special_tokens(tok) -> No
 
 
 def test_toy_models_of_one_seed_are_equal_and_score_models_start_at_zero(tok) -> None:
-    common.seed_everything(3)
+    torch.manual_seed(3)  # what setup() does (through transformers.set_seed)
     a, b = common.load_model("toy", tok), common.load_model("toy", tok)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    common.seed_everything(4)
+    torch.manual_seed(4)
     c = common.load_model("toy", tok)
     assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
-    scorer = common.load_model("toy", tok, "score")
+    scorer = common.TokenScores(common.load_model("toy", tok, "score"))
     queries, query_mask = left_padded_queries(tok, [p for p, _ in REVIEWS])
-    assert torch.equal(common.token_scores(scorer, queries, query_mask), torch.zeros(queries.shape))
+    assert torch.equal(scorer(queries, query_mask), torch.zeros(queries.shape))
 
 
-def test_disable_dropout_zeroes_modules_and_llama_attention_dropout(tok) -> None:
+def test_load_model_turns_off_dropout_modules_and_llama_attention_dropout(tok, tmp_path: Path) -> None:
+    """SPEC fact: dropout off in every model (it would make PPO's ratios and a pair's scores noisy),
+    including the plain float that Llama-style attention keeps instead of an nn.Dropout."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", tok, attention_dropout=0.5))
-    assert any(getattr(m, "attention_dropout", 0.0) == 0.5 for m in model.modules())
-    common.disable_dropout(model)
-    assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
-    gpt2 = AutoModelForCausalLM.from_config(tiny_config("gpt2", tok))
-    for m in gpt2.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.3
-    common.disable_dropout(gpt2)
-    assert all(m.p == 0.0 for m in gpt2.modules() if isinstance(m, torch.nn.Dropout))
+    AutoModelForCausalLM.from_config(tiny_config("llama", tok, attention_dropout=0.5)).save_pretrained(tmp_path / "llama")
+    gpt2 = tiny_config("gpt2", tok)
+    gpt2.resid_pdrop = gpt2.embd_pdrop = gpt2.attn_pdrop = 0.3
+    AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
+    llama = common.load_model(str(tmp_path / "llama"), tok)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "llama").config.attention_dropout == 0.5  # saved with it
+    assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in llama.modules())
+    for kind in ("causal", "score"):
+        model = common.load_model(str(tmp_path / "gpt2"), tok, kind)
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.p == 0.0 for m in dropouts)
 
 
-def test_require_positive_exits_2_naming_the_flag(capsys) -> None:
-    @dataclass
-    class Args:
-        batch_size: int = 8
-        eval_every: int = 0
-
-    common.require_positive(Args(), "batch_size")
-    with pytest.raises(SystemExit) as e:
-        common.require_positive(Args(), "batch_size", "eval_every")
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: --eval_every must be positive, got 0"]
+def test_a_score_model_from_a_causal_lm_gets_a_zero_head_and_a_saved_one_keeps_its_own(tok, tmp_path: Path) -> None:
+    tiny_lm("gpt2", tok).save_pretrained(tmp_path / "lm")
+    tiny_scorer("gpt2", tok).save_pretrained(tmp_path / "rm")
+    fresh = common.load_model(str(tmp_path / "lm"), tok, "score")
+    assert torch.equal(fresh.score.weight, torch.zeros_like(fresh.score.weight))  # N+: a new value head outputs 0
+    saved = common.load_model(str(tmp_path / "rm"), tok, "score")
+    assert torch.equal(saved.score.weight, tiny_scorer("gpt2", tok).score.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,14 +281,21 @@ def test_require_positive_exits_2_naming_the_flag(capsys) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sft_tokenize_masks_the_prompt_and_learns_eos(tok) -> None:
+def test_sft_tokenize_masks_the_prompt_and_learns_eos(tok, capsys) -> None:
     [(ids, labels)] = sft.tokenize([{"prompt": "the plot was", "completion": "very good ."}], tok, 128)
     prompt, completion = words_to_ids(tok, "the plot was"), words_to_ids(tok, "very good .")
     assert ids == [tok.bos_token_id, *prompt, *completion, tok.eos_token_id]
     assert labels == [-100] * (1 + len(prompt)) + completion + [tok.eos_token_id]
     assert ids.count(tok.bos_token_id) == 1  # no second <bos> before the completion
-    [(short_ids, short_labels)] = sft.tokenize([{"prompt": "the plot was", "completion": "very good ."}], tok, 5)
-    assert short_ids == ids[:5] and short_labels == labels[:5]
+    # an example longer than max_length is left out (cut, it would teach a response without its EOS)
+    rows = [{"prompt": "the plot was", "completion": "very good ."}, {"prompt": "it was", "completion": "good ."}]
+    short = words_to_ids(tok, "it was good .")
+    assert sft.tokenize(rows, tok, 6) == [([tok.bos_token_id, *short, tok.eos_token_id],
+                                           [-100] * 3 + short[2:] + [tok.eos_token_id])]
+    assert capsys.readouterr().out == "note: 1 of 2 examples are longer than 6 tokens: left out\n"
+    with pytest.raises(SystemExit) as exit_info:
+        sft.tokenize(rows, tok, 5)
+    assert "no example fits in 5 tokens" in one_line_error(exit_info, capsys)
 
 
 def test_sft_completion_loss_matches_a_naive_loop() -> None:
@@ -508,6 +518,46 @@ def test_missing_dataset_file_exits_2(tok, tmp_path: Path) -> None:
     assert exit_info.value.code == 2
 
 
+
+
+def one_line_error(exit_info, capsys, code: int = 2) -> str:
+    """The error a fail() (or the divergence guard) printed: exit status `code`, one stderr line."""
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_empty_and_malformed_jsonl_files_exit_2_naming_the_line(tok, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_data(str(path), "sft", tok)
+    assert "is empty" in one_line_error(exit_info, capsys)
+    good = json.dumps({"prompt": "it was", "completion": "good ."})
+    path.write_text(f"{good}\n\n{good}\n{good[:-1]}\n{good}\n")  # the blank line 2 counts: the bad row is line 4
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_data(str(path), "sft", tok)
+    assert "line 4: not valid JSON" in one_line_error(exit_info, capsys)
+
+
+def test_an_empty_split_exits_2_with_one_line(tok, tmp_path: Path, capsys, monkeypatch) -> None:
+    rows = Dataset.from_list([{"prompt": "it was", "completion": "good ."}] * 3)
+    empty = Dataset.from_dict({"prompt": [], "completion": []})
+    DatasetDict(train=rows, test=empty).save_to_disk(str(tmp_path / "data"))
+    with pytest.raises(SystemExit) as exit_info:  # datasets itself cannot read an empty split back
+        common.load_data(str(tmp_path / "data"), "sft", tok)
+    assert f"cannot load dataset {tmp_path / 'data'}" in one_line_error(exit_info, capsys)
+    monkeypatch.setattr(common, "_load_splits", lambda name, config: DatasetDict(train=rows, test=empty))
+    with pytest.raises(SystemExit) as exit_info:  # an empty split from the hub
+        common.load_data("org/data", "sft", tok)
+    assert "empty 'test' split" in one_line_error(exit_info, capsys)
+    monkeypatch.setattr(common, "_load_splits", lambda name, config: DatasetDict(train=empty, test=rows))  # no train rows
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_data("org/data", "sft", tok)
+    one_line_error(exit_info, capsys)
+
+
 @pytest.mark.parametrize("name", ["/nonexistent/model", "./missing", "runs/missing_sft", "a/b/c"])
 def test_missing_local_model_path_exits_2(name: str, tok, capsys) -> None:
     for load in (lambda: common.load_tokenizer(name, "run `python sft.py` first"),
@@ -519,12 +569,54 @@ def test_missing_local_model_path_exits_2(name: str, tok, capsys) -> None:
 
 
 @pytest.mark.parametrize("name", ["gpt2", "EleutherAI/pythia-160m"])
-def test_hub_ids_are_not_mistaken_for_missing_paths(name: str) -> None:
-    common._check_exists(name, "unused")  # with or without an organization: left to the hub to resolve
+def test_hub_ids_are_not_mistaken_for_missing_paths(name: str, capsys) -> None:
+    assert common._check_exists(name, "unused") is None  # left to the hub to resolve: no error, no exit
+    assert capsys.readouterr().err == ""
+
+
+def test_truncated_model_weights_exit_2_with_one_line(tok, tmp_path: Path, capsys) -> None:
+    tiny_lm("gpt2", tok).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a copy cut short
+    for kind in ("causal", "score"):
+        with pytest.raises(SystemExit) as exit_info:
+            common.load_model(str(tmp_path), tok, kind, hint="copy it again")
+        err = one_line_error(exit_info, capsys)
+        assert err.startswith(f"error: cannot load a model from {tmp_path}") and err.endswith("copy it again\n")
+
+
+def test_a_tokenizer_without_eos_exits_2(tmp_path: Path, capsys) -> None:
+    backend = Tokenizer(models.WordLevel({common.UNK: 0, "good": 1}, unk_token=common.UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=common.UNK).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_tokenizer(str(tmp_path))
+    assert "no EOS token" in one_line_error(exit_info, capsys)
+
+
+def test_a_tokenizer_without_pad_pads_with_eos_on_the_left(tmp_path: Path) -> None:
+    other = other_tokenizer()
+    other.pad_token = None
+    other.save_pretrained(tmp_path)
+    loaded = common.load_tokenizer(str(tmp_path))
+    assert loaded.pad_token_id == loaded.eos_token_id and loaded.padding_side == "left"
+
+
+def test_encode_prompts_keeps_the_end_of_long_prompts_and_counts_them(tok, capsys) -> None:
+    prompts = ["it was", "the plot was very", "i really loved the music"]
+    queries = common.encode_prompts(tok, prompts, max_tokens=4)
+    assert queries == [[tok.bos_token_id, *words_to_ids(tok, "it was")],  # the end is what a response continues
+                       words_to_ids(tok, "the plot was very"), words_to_ids(tok, "really loved the music")]
+    assert capsys.readouterr().out == "note: 2 of 3 prompts are longer than 4 tokens and lose their start\n"
+    assert common.encode_prompts(tok, prompts, max_tokens=100) == [common.encode_prompt(tok, p) for p in prompts]
+    assert capsys.readouterr().out == ""  # nothing cut, nothing said
+    with pytest.raises(SystemExit) as exit_info:  # --max_new_tokens leaves no position for a prompt
+        common.encode_prompts(tok, prompts, max_tokens=0)
+    assert "--max_new_tokens" in one_line_error(exit_info, capsys)
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring: last-token scores and reward functions.
+# Scoring: per-token scores, last-token scores, and what a script's score function combines.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -535,7 +627,7 @@ def test_last_token_scores_read_the_last_real_token(arch: str, side: str, tok) -
     rows = [common.encode_prompt(tok, p) + common.encode_completion(tok, c) for p, c in REVIEWS]
     ids, mask = common.pad(rows, tok.pad_token_id, side)
     with torch.no_grad():
-        scores = common.last_token_scores(scorer, ids, mask)
+        scores = common.last_token_scores(common.TokenScores(scorer), ids, mask)
     assert scores.tolist() == pytest.approx([score_alone(scorer, row) for row in rows], abs=1e-4)
 
 
@@ -550,24 +642,34 @@ def other_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token=common.UNK)
 
 
-@pytest.mark.parametrize("same_tokenizer", [True, False])
-def test_model_reward_matches_scoring_the_text_directly(same_tokenizer: bool, tok, tmp_path: Path) -> None:
-    rm_tok = tok if same_tokenizer else other_tokenizer()
-    scorer = tiny_scorer("gpt2", rm_tok)
-    scorer.save_pretrained(tmp_path)
-    rm_tok.save_pretrained(tmp_path)
-    reward_fn = common.make_reward_fn("model", tok, torch.device("cpu"), reward_model_path=str(tmp_path))
-
-    prompts = [p for p, _ in REVIEWS]
-    queries, query_mask = left_padded_queries(tok, prompts)
-    # Policy responses as generate() returns them: EOS, then pad; the longest row hit the length
-    # limit without its EOS.
+def policy_responses(tok) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """REVIEWS' completions as generate() returns them: EOS, then pad; the longest row hit the
+    length limit without its EOS. -> completion ids, responses (B, R), response_mask (B, R)."""
     completions = [common.encode_completion(tok, c) for _, c in REVIEWS]
     completions[3] = completions[3][:-1]
     assert len(completions[3]) == max(len(c) for c in completions)
     responses, _ = common.pad(completions, tok.pad_token_id, "right")
     response_mask, _ = common.truncate_after_eos(responses, tok.eos_token_id)
-    scores = reward_fn(prompts, queries, query_mask, responses, response_mask)
+    return completions, responses, response_mask
+
+
+@pytest.mark.parametrize("same_tokenizer", [True, False])
+def test_reward_model_scores_match_scoring_the_text_directly(same_tokenizer: bool, tok, tmp_path: Path) -> None:
+    """A script's reward: the policy's ids as they are, or (another tokenizer) retokenize() to the
+    reward model's; then last_token_scores. It must equal the reward model run on the text alone."""
+    rm_tok = tok if same_tokenizer else other_tokenizer()
+    tiny_scorer("gpt2", rm_tok).save_pretrained(tmp_path)
+    rm_tok.save_pretrained(tmp_path)
+    scorer = common.load_model(str(tmp_path), common.load_tokenizer(str(tmp_path)), "score")
+    prompts = [p for p, _ in REVIEWS]
+    queries, query_mask = left_padded_queries(tok, prompts)
+    completions, responses, response_mask = policy_responses(tok)
+    if same_tokenizer:
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    else:
+        ids, mask = common.retokenize(prompts, responses, response_mask, tok, rm_tok)
+    with torch.no_grad():
+        scores = common.last_token_scores(common.TokenScores(scorer), ids, mask)
 
     expected = []
     for prompt, completion in zip(prompts, completions):
@@ -578,56 +680,328 @@ def test_model_reward_matches_scoring_the_text_directly(same_tokenizer: bool, to
     assert scores.tolist() == pytest.approx(expected, abs=1e-4)
 
 
-def test_gold_and_length_reward_functions(tok) -> None:
-    prompts = [p for p, _ in REVIEWS]
-    queries, query_mask = left_padded_queries(tok, prompts)
-    responses, _ = common.pad([common.encode_completion(tok, c) for _, c in REVIEWS], tok.pad_token_id, "right")
-    response_mask, _ = common.truncate_after_eos(responses, tok.eos_token_id)
-    gold_fn = common.make_reward_fn("gold", tok, torch.device("cpu"))
-    expected = [common.gold_reward(p, c) for p, c in REVIEWS]
-    assert gold_fn(prompts, queries, query_mask, responses, response_mask).tolist() == pytest.approx(expected)
-    length_fn = common.make_reward_fn("length", tok, torch.device("cpu"), target_length=8)
+def test_gold_and_length_rewards_of_generated_responses(tok) -> None:
+    """The toy gold reward reads decode_responses' text; the golden length reward counts
+    response_length's tokens (EOS excluded), here against hand counts."""
+    _, responses, response_mask = policy_responses(tok)
+    texts = common.decode_responses(tok, responses, response_mask)
+    assert texts == [c for _, c in REVIEWS]
+    assert [common.gold_reward(p, t) for (p, _), t in zip(REVIEWS, texts)] == [
+        common.gold_reward(p, c) for p, c in REVIEWS]
+    lengths = common.response_length(responses, response_mask, tok.eos_token_id)
+    assert lengths.tolist() == [len(c.split()) for _, c in REVIEWS]
     expected = [1 - abs(len(c.split()) / 8 - 1) for _, c in REVIEWS]
-    assert length_fn(prompts, queries, query_mask, responses, response_mask).tolist() == pytest.approx(expected)
+    assert common.length_reward(lengths, 8).tolist() == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving runs.
+# Evaluation on held-out prompts.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_evaluate_samples_kl_and_score_match_a_naive_recomputation(tok) -> None:
+    """evaluate(): each sample's KL is sum_t log pi - log pi_ref over its response tokens (EOS
+    included), recomputed here by running each prompt + response alone; the metrics are the means
+    of the samples; sampling has its own seed and leaves the training RNG as it was."""
+    policy, ref_policy = tiny_lm("gpt2", tok, seed=0), tiny_lm("gpt2", tok, seed=1)
+    policy.lm_head.register_forward_hook(lambda module, inputs, out: out + 1.5 * torch.nn.functional.one_hot(
+        torch.tensor(tok.eos_token_id), out.shape[-1]))  # some responses end, some hit the limit
+    prompts = [p for p, _ in REVIEWS] * 2
+    queries = [common.encode_prompt(tok, p) for p in prompts]
+
+    def score_fn(prompts, queries, query_mask, responses, response_mask):  # a stand-in reward: the length
+        return common.response_length(responses, response_mask, tok.eos_token_id).float()
+
+    temperature, max_new_tokens = 0.8, 8
+    state = torch.get_rng_state()
+    metrics, samples = common.evaluate(policy, ref_policy, tok, prompts, queries, score_fn, max_new_tokens,
+                                       temperature, batch_size=3, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert common.evaluate(policy, ref_policy, tok, prompts, queries, score_fn, max_new_tokens, temperature,
+                           batch_size=3, seed=5)[1] == samples  # the same samples again: the policy's change shows
+    assert [s["index"] for s in samples] == list(range(len(prompts))) and [s["prompt"] for s in samples] == prompts
+    assert any(s["eos"] for s in samples) and not all(s["eos"] for s in samples)
+    for s, query in zip(samples, queries):
+        response = words_to_ids(tok, s["response"]) + [tok.eos_token_id] * s["eos"]
+        assert s["length"] == len(response) - s["eos"] and s["score"] == s["length"]
+        assert s["eos"] or len(response) == max_new_tokens
+        kl = sum(a - b for a, b in zip(logprobs_alone(policy, query + response, len(query), temperature),
+                                       logprobs_alone(ref_policy, query + response, len(query), temperature)))
+        assert s["kl"] == pytest.approx(kl, abs=1e-4)
+    for key, name in (("score", "reward"), ("kl", "kl"), ("length", "length"), ("eos", "eos_rate")):
+        assert metrics[name] == pytest.approx(sum(float(s[key]) for s in samples) / len(samples))
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes, in one: masked_mean, all_mean, gather.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masked_mean_all_mean_and_gather_in_one_process() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, mask = torch.randn(3, 5, generator=gen), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    entries = [x[b, t].item() for b in range(3) for t in range(5) if mask[b, t]]
+    assert common.masked_mean(x, mask).item() == pytest.approx(sum(entries) / len(entries), abs=1e-6)
+    assert common.masked_mean(x, torch.zeros_like(mask)).item() == 0.0  # no entry: 0, not NaN
+    assert common.world_size() == 1 and common.rank() == 0
+    assert torch.equal(common.all_mean(x), x)
+    assert torch.equal(common.gather(x), x) and common.gather([{"a": 1}, 2]) == [{"a": 1}, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments, the start of a run, and the run folder.
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
+class FlagArgs:
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    kl_coef: float = 0.0
+    max_train_rows: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+
+
+CHECKS = {"positive": ("learning_rate", "batch_size", "max_train_rows"), "nonnegative": ("kl_coef",)}
+
+
+@pytest.mark.parametrize("flags, says", [
+    ({"batch_size": 0}, "--batch_size must be positive, got 0"),
+    ({"learning_rate": -1e-3}, "--learning_rate must be positive, got -0.001"),
+    ({"learning_rate": float("nan")}, "--learning_rate must be positive, got nan"),
+    ({"max_train_rows": 0}, "--max_train_rows must be positive, got 0"),
+    ({"kl_coef": -0.1}, "--kl_coef must be at least 0, got -0.1"),
+    ({"kl_coef": float("nan")}, "--kl_coef must be at least 0, got nan"),
+    ({"resume": True, "overwrite": True}, "--resume continues a run and --overwrite replaces it"),
+])
+def test_check_args_exits_2_naming_the_flag(flags: dict, says: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        common.check_args(FlagArgs(**flags), **CHECKS)
+    assert says in one_line_error(exit_info, capsys)
+
+
+def test_check_args_lets_good_values_and_none_through(capsys) -> None:
+    for flags in ({}, {"kl_coef": 0.0, "max_train_rows": None}, {"max_train_rows": 5, "resume": True}, {"overwrite": True}):
+        common.check_args(FlagArgs(**flags), **CHECKS)
+    assert capsys.readouterr().err == ""
+
+
+@dataclass
 class RunArgs:
+    output_dir: str
+    device: str = "cpu"
     seed: int = 1
-    output_dir: str = "runs/test"
+    resume: bool = False
+    overwrite: bool = False
+    track: bool = False
 
 
-def test_save_run_writes_json_and_is_atomic(tok, tmp_path: Path, monkeypatch) -> None:
-    model = tiny_lm("gpt2", tok, seed=0)
-    common.save_run(str(tmp_path), model, tok, RunArgs(seed=7), {"eval_loss": 1.5})
-    assert json.loads((tmp_path / "args.json").read_text()) == asdict(RunArgs(seed=7))
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["eval_loss"] == 1.5 and summary["peak_memory_mb"] > 0
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
+@pytest.fixture
+def start():
+    """common.setup, with the process's Ctrl-C handler put back afterwards."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield common.setup
+    signal.signal(signal.SIGINT, handler)
+
+
+def test_setup_refuses_a_folder_that_holds_a_run(tmp_path: Path, start, capsys) -> None:
+    (tmp_path / "args.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        start(RunArgs(str(tmp_path)))
+    assert f"{tmp_path} already holds a run: pass --resume" in one_line_error(exit_info, capsys)
+    with pytest.raises(SystemExit) as exit_info:  # a run killed before its first checkpoint
+        start(RunArgs(str(tmp_path), resume=True))
+    assert "holds no checkpoint" in one_line_error(exit_info, capsys)
+    assert start(RunArgs(str(tmp_path), overwrite=True)) == (torch.device("cpu"), 0, 1)
+
+
+def test_setup_refuses_a_folder_of_other_files_even_with_overwrite(tmp_path: Path, start, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(SystemExit) as exit_info:
+            start(RunArgs(str(tmp_path), overwrite=overwrite))
+        assert "holds files that are not a run" in one_line_error(exit_info, capsys)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / ".hidden").write_text("")  # hidden files (.nfs, .DS_Store) do not count
+    start(RunArgs(str(tmp_path)))
+
+
+def test_setup_refuses_an_output_dir_it_cannot_make(tmp_path: Path, start, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        start(RunArgs(str(tmp_path / "file" / "run")))
+    assert f"cannot write to --output_dir {tmp_path / 'file' / 'run'}" in one_line_error(exit_info, capsys)
+
+
+def test_setup_checks_the_device_and_seeds_each_rank_apart(tmp_path: Path, start, capsys, monkeypatch) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        start(RunArgs(str(tmp_path / "run"), device="tpu"))
+    assert "--device tpu" in one_line_error(exit_info, capsys)
+    start(RunArgs(str(tmp_path / "run"), seed=5))
+    assert torch.initial_seed() == 5
+    monkeypatch.setenv("RANK", "2")  # N+ detail: every rank its own stream, seed + rank * 100003
+    start(RunArgs(str(tmp_path / "run"), seed=5))
+    assert torch.initial_seed() == 5 + 2 * 100003
+
+
+def train_step(model, optimizer, scheduler) -> float:
+    loss = model(torch.randn(4, 3)).pow(2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def rng_states() -> tuple:
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
+def assert_same_rngs(a: tuple, b: tuple) -> None:
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert a[2][0] == b[2][0] and np.array_equal(a[2][1], b[2][1]) and a[2][2:] == b[2][2:]
+
+
+def new_state(seed: int) -> dict:
+    """A model, its AdamW and a LambdaLR schedule, as a script's Run holds them."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return {"model": model, "optimizer": optimizer,
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)}
+
+
+def test_run_save_and_resume_bring_back_states_rngs_loop_values_and_metrics(tmp_path: Path, start) -> None:
+    args = RunArgs(str(tmp_path / "run"))
+    start(args)
+    state = new_state(0)
+    run = common.Run(args, state)
+    assert run.resumed is None
+    loop_rng = random.Random(7)
+    for step in (1, 2):
+        run.log({"loss": train_step(**state), "episode": 4 * step}, step)
+    loop_rng.random()
+    run.save(2, rng=loop_rng, order=[3, 1, 2])
+    saved = {name: copy.deepcopy(obj.state_dict()) for name, obj in state.items()}
+    saved_rngs, saved_loop_rng = rng_states(), loop_rng.getstate()
+    metrics_at_save = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in metrics_at_save.splitlines()] == [1, 2]
+    run.log({"loss": train_step(**state)}, 3)  # logged after the checkpoint, then the run is killed
+    random.random(), np.random.rand(), loop_rng.random()
+
+    args = RunArgs(str(tmp_path / "run"), resume=True)
+    start(args)
+    state = new_state(1)  # fresh objects, as a restarted script builds them
+    run = common.Run(args, state)
+    for name, obj in state.items():
+        assert_equal_states(obj.state_dict(), saved[name])
+    assert_same_rngs(rng_states(), saved_rngs)
+    assert run.resumed["step"] == 2 and run.resumed["order"] == [3, 1, 2]
+    assert run.resumed["rng"].getstate() == saved_loop_rng
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_at_save  # step 3's line is gone
+    run.log({"loss": train_step(**state)}, 3)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def assert_equal_states(a, b) -> None:
+    """Nested state dicts (tensors, numbers, lists, dicts) equal exactly."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_equal_states(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_equal_states(x, y)
+    elif not callable(a):
+        assert a == b
+
+
+@pytest.mark.xfail(strict=True, reason="common.Run: after truncate() the append-mode file's tell() still "
+                   "gives the old length, so a save before the first log of a resumed run records a stale "
+                   "offset, and the next resume pads metrics.jsonl with NUL bytes")
+def test_a_checkpoint_written_before_any_log_of_a_resumed_run_keeps_metrics_whole(tmp_path: Path, start) -> None:
+    args = RunArgs(str(tmp_path / "run"))
+    start(args)
+    run = common.Run(args, new_state(0))
+    run.log({"loss": 1.0}, 1)
+    run.save(1)
+    run.log({"loss": 2.0}, 2)
+    common.Run(RunArgs(args.output_dir, resume=True), new_state(0)).save(2)  # sft.py: --save_every below --eval_every
+    run = common.Run(RunArgs(args.output_dir, resume=True), new_state(0))
+    run.log({"loss": 3.0}, 3)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 3]
+
+
+def test_check_finite_stops_with_exit_1_and_names_the_checkpoint(tmp_path: Path, start, capsys) -> None:
+    args = RunArgs(str(tmp_path / "run"))
+    start(args)
+    run = common.Run(args, new_state(0))
+    run.check_finite(1, loss=torch.tensor(0.5), grad_norm=torch.tensor(3.0))
+    with pytest.raises(SystemExit) as exit_info:
+        run.check_finite(2, loss=torch.tensor(0.5), grad_norm=torch.tensor(float("inf")))
+    err = one_line_error(exit_info, capsys, code=1)
+    assert err.startswith("error: step 2: grad_norm is inf: training diverged") and "no checkpoint was written" in err
+    run.save(2)
+    with pytest.raises(SystemExit) as exit_info:
+        run.check_finite(3, loss=torch.tensor([0.1, float("nan")]))
+    assert f"the last good checkpoint is {run.checkpoint}" in one_line_error(exit_info, capsys, code=1)
+
+
+def test_run_finish_saves_the_model_samples_and_summary_last(tok, tmp_path: Path, start) -> None:
+    args = RunArgs(str(tmp_path / "run"))
+    start(args)
+    model = tiny_lm("gpt2", tok)
+    common.Run(args, {"model": model}).save(1)
+    (tmp_path / "run" / ".saving").mkdir()  # a model save cut short by a kill: cleared on resume
+    args = RunArgs(args.output_dir, resume=True)
+    run = common.Run(args, {"model": model})
+    samples = [{"prompt": "it was", "response": "good .", "score": 1.5}, {"prompt": "i", "response": "", "score": 0.0}]
+    run.finish(model, tok, {"reward": 0.75, "initial": {"reward": 0.1}}, samples=samples, initial_samples=samples[:1])
+    folder = tmp_path / "run"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["reward"] == 0.75 and summary["initial"] == {"reward": 0.1} and summary["world_size"] == 1
+    assert summary["peak_memory_mb"] > 0 and summary["wall_time"] >= 0
+    assert [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()] == samples
+    assert [json.loads(line) for line in (folder / "initial_samples.jsonl").read_text().splitlines()] == samples[:1]
+    assert json.loads((folder / "args.json").read_text()) == asdict(args) | {"world_size": 1}
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert common.load_tokenizer(str(folder)).get_vocab() == tok.get_vocab()
+    assert not (folder / ".saving").exists()
+
+
+def test_run_finish_refuses_a_model_with_non_finite_weights(tok, tmp_path: Path, start, capsys) -> None:
+    args = RunArgs(str(tmp_path / "run"))
+    start(args)
+    model = tiny_lm("gpt2", tok)
+    run = common.Run(args, {"model": model})
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit) as exit_info:
+        run.finish(model, tok, {"reward": 1.0}, samples=[])
+    assert "step final: parameter" in one_line_error(exit_info, capsys, code=1)
+    assert not any((tmp_path / "run" / f).exists() for f in ("summary.json", "model.safetensors", "samples.jsonl"))
+
+
+def test_a_model_save_cut_short_leaves_no_model_and_no_summary(tok, tmp_path: Path, start, monkeypatch) -> None:
+    args = RunArgs(str(tmp_path / "run"))
+    start(args)
+    model = tiny_lm("gpt2", tok)
+    run = common.Run(args, {"model": model})
 
     def crash_midway(directory, *args, **kwargs) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "model.safetensors").write_bytes(b"half a file")
         raise RuntimeError("disk full")
 
-    other = tiny_lm("gpt2", tok, seed=1)
-    monkeypatch.setattr(other, "save_pretrained", crash_midway)
+    monkeypatch.setattr(model, "save_pretrained", crash_midway)
     with pytest.raises(RuntimeError, match="disk full"):
-        common.save_run(str(tmp_path), other, tok, RunArgs(seed=8), {"eval_loss": 9.0})
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # the previous checkpoint survived
-    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in saved.items())
-    assert json.loads((tmp_path / "args.json").read_text())["seed"] == 7
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert AutoTokenizer.from_pretrained(tmp_path).get_vocab() == tok.get_vocab()
-
-
-def test_seed_everything_makes_sampling_repeatable() -> None:
-    common.seed_everything(3)
-    first = (random.random(), torch.rand(2).tolist())
-    common.seed_everything(3)
-    assert (random.random(), torch.rand(2).tolist()) == first
+        run.finish(model, tok, {"reward": 1.0})
+    folder = tmp_path / "run"
+    assert not (folder / "model.safetensors").exists() and not (folder / "summary.json").exists()

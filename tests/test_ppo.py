@@ -134,7 +134,7 @@ def test_adaptive_kl_controller_moves_beta_toward_target():
 def test_ppo_end_to_end_writes_the_contracted_outputs(sft_model, tmp_path):
     out = tmp_path / "ppo"
     run_script("ppo.py", "--sft_model_path", str(sft_model), "--reward", "gold", "--total_episodes", "32",
-               "--batch_size", "16", "--eval_prompts", "16", "--max_new_tokens", "24", "--output_dir", str(out))
+               "--batch_size", "16", "--eval_rows", "16", "--max_new_tokens", "24", "--output_dir", str(out))
     summary = json.loads((out / "summary.json").read_text())
     for key in ("reward", "kl", "length", "eos_rate", "gold", "well_formed"):
         assert math.isfinite(summary[key]), key
@@ -162,7 +162,7 @@ def test_ppo_length_reward_moves_length_toward_target(sft_model, tmp_path):
     """Learning test: the golden length reward is exact, so PPO must move the mean length to N."""
     out = tmp_path / "ppo_len"
     run_script("ppo.py", "--sft_model_path", str(sft_model), "--reward", "length", "--target_length", "6",
-               "--total_episodes", "384", "--batch_size", "32", "--eval_prompts", "64",
+               "--total_episodes", "384", "--batch_size", "32", "--eval_rows", "64",
                "--max_new_tokens", "32", "--learning_rate", "5e-4", "--output_dir", str(out))
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["initial"]["length_error"], summary["length_error"]

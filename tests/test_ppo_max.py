@@ -1,13 +1,21 @@
-"""ppo_max.py: each new piece of math against numpy or a naive loop; an end-to-end run that checks
-the critic warmup leaves the policy untouched and that the pattern-collapse monitors are logged."""
+"""ppo_max.py: each new piece of math against numpy or a naive loop; flags checked in-process; an
+end-to-end run that checks the critic warm-up leaves the policy untouched and that the
+pattern-collapse monitors are logged; and a run killed with kill -9 in the warm-up and resumed that
+ends as the uninterrupted one."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_main, run_script
+from safetensors.torch import load_file
 
 import common
 import ppo_max
@@ -94,17 +102,52 @@ def test_ptx_loss_is_mean_cross_entropy_of_completion_tokens():
     assert loss.item() == pytest.approx(total / count, rel=1e-4)
 
 
-def test_ppo_max_end_to_end_warmup_freezes_policy_and_monitors_are_logged(sft_model, tmp_path):
-    out = tmp_path / "ppo_max"
-    run_script("ppo_max.py", "--sft_model_path", str(sft_model), "--reward", "gold", "--total_episodes", "32",
-               "--batch_size", "16", "--critic_warmup_steps", "2", "--ptx_coef", "0.1", "--advantage_clip", "0.5",
-               "--eval_prompts", "16", "--max_new_tokens", "24", "--output_dir", str(out))
+@pytest.mark.parametrize("flags, says", [
+    (["--reward_clip", "0"], "--reward_clip must be positive, got 0.0"),
+    (["--advantage_clip", "-0.5"], "--advantage_clip must be positive, got -0.5"),
+    (["--critic_warmup_steps", "-1"], "--critic_warmup_steps must be at least 0, got -1"),
+    (["--ptx_coef", "-0.1"], "--ptx_coef must be at least 0, got -0.1"),
+    (["--num_mini_batches", "0"], "--num_mini_batches must be positive, got 0"),
+    (["--eval_rows", "0"], "--eval_rows must be positive, got 0"),
+    (["--total_episodes", "8", "--batch_size", "16"], "--total_episodes 8 must be at least --batch_size 16"),
+    (["--batch_size", "18"], "must be divisible by 1 processes x --num_mini_batches 4"),
+])
+def test_ppo_max_bad_flags_are_one_line_errors(flags, says, tmp_path, capsys):
+    assert run_main("ppo_max.py", *flags, "--output_dir", str(tmp_path / "run")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_ppo_max_missing_sft_model_fails_with_one_line(tmp_path, capsys):
+    assert run_main("ppo_max.py", "--sft_model_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "run")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "sft.py" in lines[0]
+
+
+def flags(sft_model) -> list[str]:
+    """Two critic warm-up iterations, then two policy iterations; a checkpoint after every one."""
+    return ["--sft_model_path", str(sft_model), "--reward", "gold", "--total_episodes", "32", "--batch_size", "16",
+            "--critic_warmup_steps", "2", "--ptx_coef", "0.1", "--advantage_clip", "0.5", "--adaptive_kl",
+            "--eval_rows", "16", "--eval_every", "1", "--save_every", "1", "--max_new_tokens", "24"]
+
+
+@pytest.fixture(scope="module")
+def full_run(sft_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_max") / "full"
+    run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(out), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out
+
+
+def test_ppo_max_end_to_end_warmup_freezes_policy_and_monitors_are_logged(full_run):
+    out = full_run
     summary = json.loads((out / "summary.json").read_text())
     for key in ("reward", "kl", "length", "eos_rate", "gold", "well_formed"):
         assert math.isfinite(summary[key]), key
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = {m["step"]: m for m in train if "objective/kl" in m}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = {m["step"]: m for m in lines if "objective/kl" in m}
     assert sorted(train) == [-2, -1, 1, 2]  # two critic-warmup iterations, then two policy iterations
+    assert [m["step"] for m in lines if "eval/reward" in m] == [0, 1, 2]  # no evaluation in the warm-up
     for key in ("monitor/perplexity", "monitor/ref_perplexity", "monitor/score_std", "monitor/score_tail",
                 "monitor/score_running_std", "objective/kl", "response/length", "gold/reward", "gold/well_formed",
                 "loss/policy_avg", "loss/value_avg"):
@@ -114,7 +157,48 @@ def test_ppo_max_end_to_end_warmup_freezes_policy_and_monitors_are_logged(sft_mo
     for step in (-2, -1, 1):
         assert abs(train[step]["objective/kl"]) < 1e-4, (step, train[step]["objective/kl"])
         assert train[step]["monitor/perplexity"] == pytest.approx(train[step]["monitor/ref_perplexity"], rel=1e-4)
-    # ...while the value model (zero-initialized head with --reward gold) did learn during warmup.
+    # ...while the value model (zero-initialized head with --reward gold) did learn during warmup,
+    # and neither the learning-rate schedule nor the KL controller moved.
     assert train[-2]["val/mean"] == 0 and train[-1]["val/mean"] != 0
+    assert train[-2]["lr"] == train[-1]["lr"] == train[1]["lr"] * 2 and train[2]["lr"] == 0
+    assert train[-2]["kl_coef"] == train[-1]["kl_coef"] == train[1]["kl_coef"] == 0.05 != train[2]["kl_coef"]
     assert abs(train[2]["objective/kl"]) > 1e-4  # and the policy moves once policy updates begin
+    # the running moments hold every score so far, the warm-up's included (16 per iteration)
+    want = sum(train[step]["objective/scores"] for step in train) / len(train)
+    assert train[2]["monitor/score_running_mean"] == pytest.approx(want, rel=1e-6)
+    for name in ("samples", "initial_samples"):
+        samples = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert len(samples) == 16 and all(math.isfinite(s["gold"]) for s in samples)
     assert (out / "args.json").exists() and (out / "config.json").exists()
+
+
+def without_wall_clock(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_time", "peak_memory_mb")}
+
+
+def test_ppo_max_killed_in_the_warmup_resumes_as_the_uninterrupted_run(sft_model, full_run, tmp_path):
+    """kill -9 once the warm-up has begun (a checkpoint at step -2, maybe -1), then --resume: the
+    running score moments, the RNGs and the step after the checkpoint's come back."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([sys.executable, str(ROOT / "ppo_max.py"), *flags(sft_model), "--output_dir", str(cut)],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = cut / "metrics.jsonl"
+    # 3 lines: the initial evaluation, steps -2 and -1; step -2's checkpoint was written before step -1's line
+    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
+    result = run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(cut), "--resume", env=env)
+    first = next(line for line in result.stdout.splitlines() if line.startswith("step="))
+    assert first.split()[0] in ("step=-1", "step=1"), first  # the entry after the checkpoint's step (-2 or -1)
+
+    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (full_run, cut))
+    assert without_wall_clock(resumed) == without_wall_clock(full)
+    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
+              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full_run, cut)]
+    assert lines[0] == lines[1]
+    weights = [load_file(d / "model.safetensors") for d in (full_run, cut)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -1,12 +1,19 @@
 """rcfd.py: calibrated reward, whitening and the alignment metric against naive loops; demonstration
-rewards scored once; an end-to-end run and a one-line error for a missing input."""
+rewards scored once; flags checked in-process; an end-to-end run, and a run killed with kill -9 and
+resumed that ends as the uninterrupted one."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_main, run_script
+from safetensors.torch import load_file
 
 import rcfd
 
@@ -95,45 +102,102 @@ def test_demo_rewards_scores_each_demonstration_once():
     assert sorted(scored) == ["p0", "p1", "p3", "p7", "p9"]  # each once, whatever the repeats
 
 
-def test_rcfd_end_to_end_writes_the_contracted_outputs(sft_model, tmp_path):
-    out = tmp_path / "rcfd"
-    run_script("rcfd.py", "--sft_model_path", str(sft_model), "--rewards", "gold", "length", "loglik", "--total_episodes",
-               "32", "--batch_size", "16", "--eval_prompts", "16", "--max_new_tokens", "24", "--kl_coef", "0.1",
-               "--output_dir", str(out))
+def flags(sft_model) -> list[str]:
+    """Three reward components; four iterations with a checkpoint after every one."""
+    return ["--sft_model_path", str(sft_model), "--rewards", "gold", "length", "loglik", "--total_episodes", "64",
+            "--batch_size", "16", "--eval_rows", "16", "--eval_every", "2", "--save_every", "1",
+            "--max_new_tokens", "24", "--kl_coef", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def full_run(sft_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rcfd") / "full"
+    run_script("rcfd.py", *flags(sft_model), "--output_dir", str(out), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out
+
+
+def test_rcfd_end_to_end_writes_the_contracted_outputs(full_run):
+    out = full_run
     summary = json.loads((out / "summary.json").read_text())
     for key in ("reward", "kl", "length", "eos_rate", "gold", "well_formed", "demo_reward", "alignment_kl",
                 "reward_length", "demo_reward_length", "length_error", "reward_loglik", "alignment_kl_loglik"):
         assert math.isfinite(summary[key]), key
     assert summary["demo_reward"] == pytest.approx(summary["demo_gold"])  # the first component is gold
+    assert summary["reward"] == pytest.approx(summary["gold"])
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if "objective/kl" in m]
-    assert [m["episode"] for m in train] == [16, 32]
+    assert [m["episode"] for m in train] == [16, 32, 48, 64]
     for key in ("objective/entropy", "objective/scores", "objective/demo_scores", "objective/calibrated",
                 "objective/calibrated_length", "alignment/kl", "policy/approxkl_avg", "policy/clipfrac_avg",
                 "loss/policy_avg", "val/ratio", "eps", "response/length", "response/eos_rate",
                 "objective/scores_length", "gold/reward", "gold/well_formed"):
         assert key in train[-1], key
+    for name in ("samples", "initial_samples"):
+        samples = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert len(samples) == 16 and all(s["score"] == pytest.approx(s["gold"], abs=1e-5) for s in samples)
     assert (out / "args.json").exists() and (out / "config.json").exists()
 
 
-def test_rcfd_missing_sft_model_fails_with_one_line(tmp_path):
-    result = run_script("rcfd.py", "--sft_model_path", str(tmp_path / "nope"), "--rewards", "gold", check=False)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "sft.py" in result.stderr
+def without_wall_clock(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_time", "peak_memory_mb")}
 
 
-def test_rcfd_dataset_without_demonstrations_fails_with_one_line(sft_model, tmp_path):
+def test_rcfd_killed_and_resumed_ends_as_the_uninterrupted_run(sft_model, full_run, tmp_path):
+    """kill -9 mid-run, then --resume: the demonstrations' cached rewards come back with the checkpoint."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([sys.executable, str(ROOT / "rcfd.py"), *flags(sft_model), "--output_dir", str(cut)],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = cut / "metrics.jsonl"
+    # 3 lines: the initial evaluation, steps 1 and 2; step 1's checkpoint was written before step 2's line
+    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
+    loop = torch.load(cut / "checkpoint.pt", weights_only=False)["loop"]
+    assert len(loop["demo_cache"]) >= 16 and loop["step"] < 4
+    run_script("rcfd.py", *flags(sft_model), "--output_dir", str(cut), "--resume", env=env)
+
+    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (full_run, cut))
+    assert without_wall_clock(resumed) == without_wall_clock(full)
+    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
+              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full_run, cut)]
+    assert lines[0] == lines[1]
+    weights = [load_file(d / "model.safetensors") for d in (full_run, cut)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--rewards", "gold", "gold"], "--rewards gold gold: name each component once"),
+    (["--kl_coef", "-0.1"], "--kl_coef must be at least 0, got -0.1"),
+    (["--missing_eos_penalty", "-1"], "--missing_eos_penalty must be at least 0, got -1.0"),
+    (["--alignment_bins", "0"], "--alignment_bins must be positive, got 0"),
+    (["--cliprange", "0"], "--cliprange must be positive, got 0.0"),
+    (["--num_mini_batches", "0"], "--num_mini_batches must be positive, got 0"),
+    (["--eval_every", "0"], "--eval_every must be positive, got 0"),
+    (["--eval_rows", "0"], "--eval_rows must be positive, got 0"),
+    (["--target_length", "0"], "--target_length must be positive, got 0"),
+    (["--total_episodes", "8", "--batch_size", "16"], "--total_episodes 8 must be at least --batch_size 16"),
+])
+def test_rcfd_bad_flags_are_one_line_errors(flags, says, tmp_path, capsys):
+    assert run_main("rcfd.py", *flags, "--output_dir", str(tmp_path / "run")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_rcfd_missing_sft_model_fails_with_one_line(tmp_path, capsys):
+    assert run_main("rcfd.py", "--sft_model_path", str(tmp_path / "nope"), "--rewards", "gold",
+                    "--output_dir", str(tmp_path / "run")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "sft.py" in lines[0]
+
+
+def test_rcfd_dataset_without_demonstrations_fails_with_one_line(sft_model, tmp_path, capsys):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"the movie was {w}"}) + "\n" for w in ("good", "bad") * 4))
-    result = run_script("rcfd.py", "--sft_model_path", str(sft_model), "--rewards", "gold", "--dataset_name",
-                        str(data), "--output_dir", str(tmp_path / "out"), check=False)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert "demonstration" in result.stderr
-
-
-@pytest.mark.parametrize("flags", [["--total_episodes", "8", "--batch_size", "16"], ["--num_mini_batches", "0"],
-                                   ["--eval_every", "0"]])
-def test_rcfd_bad_budget_is_a_one_line_error(sft_model, tmp_path, flags):
-    result = run_script("rcfd.py", "--sft_model_path", str(sft_model), "--rewards", "gold", *flags,
-                        "--output_dir", str(tmp_path / "out"), check=False)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert run_main("rcfd.py", "--sft_model_path", str(sft_model), "--rewards", "gold", "--dataset_name", str(data),
+                    "--output_dir", str(tmp_path / "out")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "demonstration" in lines[0]

@@ -36,3 +36,14 @@ def test_table_and_timing_aggregate_seeds(tmp_path):
 
     points = report.points(groups, ("time/training",), (2,)).splitlines()
     assert points[2] == "| ppo | 2 | 2.75 ± 0.25 |"
+
+
+def test_default_table_keys_are_all_in_an_rl_summary(tmp_path):
+    """The `table` command's default columns read keys that the RL scripts' summary.json holds
+    (Run.finish adds world_size, peak_memory_mb and wall_time to the script's own)."""
+    summary = {"reward": 1.0, "kl": 2.0, "length": 17.0, "eos_rate": 1.0, "gold": 0.5, "well_formed": 0.97,
+               "greedy": {"reward": 1.1}, "initial": {"reward": 0.2}, "world_size": 1, "peak_memory_mb": 900.0,
+               "wall_time": 60.0}
+    write_run(tmp_path / "ppo_s1", summary, [])
+    row = report.table(report.group_runs(tmp_path), report.TABLE_KEYS).splitlines()[2]
+    assert row == "| ppo | 1 | 0.50 | 1.00 | 2.00 | 17.00 | 0.97 | 1.00 | 60.00 | 900.00 |"

@@ -1,13 +1,17 @@
 """reward_model.py: the loss and the length interventions against hand examples and naive loops,
-the score shift through a save/reload, and the script end to end."""
+the score shift through a save/reload, the argument checks and the context rule in-process, and the
+script end to end (with a resume, a diverging run and bad input)."""
 
+import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_script
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import common
@@ -64,67 +68,159 @@ def test_random_augment_pairs_chosen_with_another_prompts_chosen():
     assert reward_model.random_augment(same_prompt, 0.5, random.Random(0)) == same_prompt
 
 
-def test_shift_scores_survives_reload(tmp_path):
+def toy_demos(n: int) -> tuple[object, list[list[int]]]:
+    """The toy tokenizer and the token ids (prompt + completion + EOS) of n toy SFT demonstrations."""
     tokenizer = common.toy_tokenizer()
+    return tokenizer, [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"])
+                       for r in common.toy_dataset("sft")["train"].select(range(n))]
+
+
+def test_shift_scores_survives_reload(tmp_path: Path) -> None:
+    tokenizer, demos = toy_demos(40)
     common.toy_model(tokenizer).save_pretrained(tmp_path / "lm")
     model = common.load_model(str(tmp_path / "lm"), tokenizer, "score")
     torch.nn.init.normal_(model.score.weight)  # a trained head, not the zero one
-    demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"])
-             for r in common.toy_dataset("sft")["train"].select(range(40))]
-    before = reward_model.score_sequences(model, demos, tokenizer.pad_token_id, 16, torch.device("cpu"))
+    before = reward_model.score_sequences(common.TokenScores(model), demos, tokenizer.pad_token_id, 16, torch.device("cpu"))
     assert abs(before.mean()) > 0.1
 
     assert reward_model.shift_scores(model, before.mean().item())
     model.save_pretrained(tmp_path / "rm")
-    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    reloaded = common.TokenScores(AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm"))
     after = reward_model.score_sequences(reloaded, demos, tokenizer.pad_token_id, 16, torch.device("cpu"))
     assert after.mean().item() == pytest.approx(0.0, abs=1e-4)
     torch.testing.assert_close(after, before - before.mean(), atol=1e-4, rtol=0)
 
 
-def test_reward_model_end_to_end(sft_model, tmp_path):
+def test_score_sequences_reads_each_sequence_at_its_last_token_whatever_the_batch() -> None:
+    """Right padding and the batch size change nothing: each score is that of the sequence alone."""
+    tokenizer, demos = toy_demos(10)
+    model = common.TokenScores(common.toy_model(tokenizer, "score"))
+    torch.nn.init.normal_(model.classifier.score.weight)
+    scores = reward_model.score_sequences(model, demos, tokenizer.pad_token_id, 4, torch.device("cpu"))
+    alone = [model(torch.tensor([d]), torch.ones(1, len(d), dtype=torch.long))[0, -1].item() for d in demos]
+    torch.testing.assert_close(scores, torch.tensor(alone), atol=1e-5, rtol=0)
+
+
+def test_tokenize_leaves_out_pairs_that_do_not_fit_and_fails_when_none_does(capsys) -> None:
+    tokenizer = common.toy_tokenizer()
+    rows = [{"prompt": "the plot", "chosen": "was good .", "rejected": "was bad . it was bad ."},
+            {"prompt": "the plot", "chosen": "was good .", "rejected": "was bad ."}]
+    # <bos> the plot | was bad . it was bad . <eos> is 3 + 8 tokens; the second pair's longer one 3 + 4
+    examples = reward_model.tokenize(rows, tokenizer, 10)
+    assert [e["rejected_len"] for e in examples] == [3]
+    assert examples[0]["chosen_ids"] == tokenizer("the plot was good .")["input_ids"] + [tokenizer.eos_token_id]
+    assert "1 of 2 preference pairs are longer than 10 tokens" in capsys.readouterr().out
+    assert len(reward_model.tokenize(rows, tokenizer, 11)) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        reward_model.tokenize(rows, tokenizer, 6)
+    assert exit_info.value.code == 2 and "no preference pair fits in 6 tokens" in capsys.readouterr().err
+
+
+NUMERIC = [f.name for f in dataclasses.fields(reward_model.Args) if f.type in (int, float, int | None) and f.name != "seed"]
+
+
+@pytest.mark.parametrize("flag", NUMERIC)
+def test_every_numeric_flag_is_range_checked(flag: str, capsys) -> None:
+    reward_model.check(reward_model.Args())  # the defaults pass
+    with pytest.raises(SystemExit) as exit_info:
+        reward_model.check(dataclasses.replace(reward_model.Args(), **{flag: -1}))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and f"--{flag} " in lines[0]
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"learning_rate": 0.0}, "--learning_rate must be positive"),
+    ({"learning_rate": float("nan")}, "--learning_rate must be positive"),
+    ({"batch_size": 0}, "--batch_size must be positive"),
+    ({"save_every": 0}, "--save_every must be positive"),
+    ({"random_augment": 1.5}, "--random_augment is a fraction"),
+    ({"resume": True, "overwrite": True}, "pass one of them"),
+])
+def test_bad_flags_are_one_line_errors(changes: dict, says: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        reward_model.check(dataclasses.replace(reward_model.Args(), **changes))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and says in lines[0]
+    for fine in ({"center_rewards_coef": 0.0, "random_augment": 0.0}, {"random_augment": 1.0}):
+        reward_model.check(dataclasses.replace(reward_model.Args(), **fine))
+
+
+def test_reward_model_end_to_end(sft_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "rm"
     run_script("reward_model.py", "--model_name_or_path", str(sft_model), "--output_dir", str(out),
                "--max_train_rows", "96", "--batch_size", "16", "--eval_rows", "32", "--eval_every", "3",
                "--demo_rows", "32", "--length_balance", "--random_augment", "0.25", "--center_rewards_coef", "0.01")
     summary = json.loads((out / "summary.json").read_text())
     assert {"accuracy", "length_corr", "gold_accuracy", "label_ceiling", "accuracy_by_length_diff",
-            "demo_score_mean"} <= set(summary)
+            "demo_score_mean", "world_size"} <= set(summary)
     assert 0 <= summary["accuracy"] <= 1 and -1 <= summary["length_corr"] <= 1
     assert sum(b["n"] for b in summary["accuracy_by_length_diff"].values()) == 32
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert metrics and all("step" in m and "episode" in m for m in metrics)
-    assert any("accuracy/eval" in m for m in metrics)
+    assert metrics and all(m["step"] % 3 == 0 or m is metrics[-1] for m in metrics)
+    assert all({"episode", "loss/train", "accuracy/train", "accuracy/eval", "grad_norm"} <= set(m) for m in metrics)
+    assert [m["episode"] for m in metrics] == [m["step"] * 16 for m in metrics]
 
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1
     # the saved model scores the demonstrations used for the shift at 0 on average
     tokenizer = common.load_tokenizer(str(out))
-    demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"])
-             for r in common.toy_dataset("sft")["train"].select(range(32))]
-    scores = reward_model.score_sequences(model, demos, tokenizer.pad_token_id, 32, torch.device("cpu"))
+    _, demos = toy_demos(32)
+    scores = reward_model.score_sequences(common.TokenScores(model), demos, tokenizer.pad_token_id, 32, torch.device("cpu"))
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
 
 
-def test_missing_model_is_a_one_line_error(tmp_path):
+def test_from_the_untrained_toy_model_and_resumed_from_a_checkpoint(tmp_path: Path) -> None:
+    """`--model_name_or_path toy` (a fresh toy model, as sft.py accepts) trains a reward model; the
+    saved model gives the summary's held-out accuracy; and a run resumed from its step-2 checkpoint
+    ends with the same summary and weights."""
+    out = tmp_path / "rm"
+    flags = ["reward_model.py", "--model_name_or_path", "toy", "--output_dir", str(out), "--max_train_rows", "64",
+             "--batch_size", "16", "--eval_rows", "16", "--demo_rows", "16", "--num_epochs", "1", "--eval_every", "2",
+             "--save_every", "2"]
+    run_script(*flags)
+    summary = json.loads((out / "summary.json").read_text())
+    weights = load_file(out / "model.safetensors")
+
+    tokenizer = common.load_tokenizer(str(out))
+    _, test_rows = common.load_data("toy", "preference", tokenizer, test_rows=16)
+    test = reward_model.tokenize(test_rows, tokenizer, 128)
+    model = common.TokenScores(AutoModelForSequenceClassification.from_pretrained(out))
+    chosen, rejected = reward_model.score_pairs(model, test, tokenizer.pad_token_id, 16, torch.device("cpu"))
+    assert reward_model.pairwise_accuracy(chosen - rejected) == summary["accuracy"]
+
+    # the checkpoint of step 2 (of 4) stays beside the finished run; resuming from it redoes steps 3-4
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["loop"]["step"] == 2
+    run_script(*flags, "--resume")
+    resumed = json.loads((out / "summary.json").read_text())
+    for k in ("wall_time", "peak_memory_mb"):
+        del summary[k], resumed[k]
+    assert resumed == summary
+    for name, value in load_file(out / "model.safetensors").items():
+        assert torch.equal(value, weights[name]), name
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_a_diverging_run_stops_with_a_one_line_error_and_saves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "rm"
+    result = run_script("reward_model.py", "--model_name_or_path", "toy", "--output_dir", str(out),
+                        "--max_train_rows", "64", "--batch_size", "16", "--eval_rows", "16", "--demo_rows", "16",
+                        "--learning_rate", "1e6", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "diverged" in lines[0], result.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+
+
+def test_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_script("reward_model.py", "--model_name_or_path", "/nonexistent/x", "--output_dir",
                         str(tmp_path), check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "python sft.py" in result.stderr
 
 
-def test_unusable_dataset_is_a_one_line_error(sft_model, tmp_path):
+def test_unusable_dataset_is_a_one_line_error(sft_model: Path, tmp_path: Path) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text('{"foo": 1, "bar": "x"}\n{"foo": 2, "bar": "y"}\n')
     result = run_script("reward_model.py", "--model_name_or_path", str(sft_model), "--dataset_name", str(data),
                         "--output_dir", str(tmp_path / "rm"), check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "foo" in result.stderr
-
-
-def test_reward_model_from_the_untrained_toy_model(tmp_path):
-    """`--model_name_or_path toy` (a fresh toy model, as sft.py accepts) trains a reward model too."""
-    out = tmp_path / "rm"
-    run_script("reward_model.py", "--model_name_or_path", "toy", "--output_dir", str(out), "--max_train_rows", "64",
-               "--batch_size", "16", "--eval_rows", "16", "--demo_rows", "16", "--num_epochs", "1")
-    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_labels == 1

@@ -1,0 +1,78 @@
+"""One optimizer step and the batch statistics, on whatever share of a fixed batch this process
+holds. tests/test_distributed.py runs it in one process on the whole batch, and under torchrun with
+2 processes (gloo) on half of it each; DDP and the global statistics must make the two agree."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common
+import ppo
+import sft
+
+TOKENIZER = common.toy_tokenizer()
+ROWS = common.toy_dataset("sft")["train"].select(range(8)).to_list()  # the whole batch
+
+
+def tiny(cls):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(TOKENIZER), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=TOKENIZER.pad_token_id, num_labels=1)
+    return cls.from_config(config)
+
+
+def sgd_step(models: list, loss_fn) -> dict:
+    """One SGD step (sensitive to the gradient's scale, unlike Adam's first step) -> new parameters."""
+    models = [common.ddp(m, torch.device("cpu")) for m in models]
+    optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.5)
+    loss_fn(*models).backward()
+    optimizer.step()
+    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(models) for k, v in common.unwrap(m).state_dict().items()}
+
+
+def shard(x):
+    """This process's rows of the whole batch, as the scripts take them: rank::world_size."""
+    return x[common.rank()::common.world_size()]
+
+
+def results() -> dict:
+    out = {}
+    # sft.py: the completion loss, a token mean over the global batch
+    ids, mask, labels = sft.collate(sft.tokenize(shard(ROWS), TOKENIZER, 64), TOKENIZER.pad_token_id)
+    out["sft"] = sgd_step([tiny(AutoModelForCausalLM)], lambda m: sft.completion_loss(common.forward(m, ids, mask).logits, labels))
+
+    # ppo.py: policy and value losses on a fixed rollout (prompt, response, old log-probs, advantages, returns)
+    g = torch.Generator().manual_seed(1)
+    queries, query_mask = common.pad([common.encode_prompt(TOKENIZER, r["prompt"]) for r in ROWS], TOKENIZER.pad_token_id, "left")
+    responses, response_mask = common.pad([common.encode_completion(TOKENIZER, r["completion"])[:10] for r in ROWS],
+                                          TOKENIZER.pad_token_id)
+    old_logprobs, advantages, returns, old_values = (torch.randn(responses.shape, generator=g) for _ in range(4))
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    ids, mask, response_mask, old_logprobs, advantages, returns, old_values = map(
+        shard, (ids, mask, response_mask.float(), old_logprobs, advantages, returns, old_values))
+    q = queries.shape[1]
+
+    def ppo_loss(policy, value_model):
+        logprobs, _ = common.response_logprobs(policy, ids, mask, q)
+        pg_loss, _ = ppo.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, 0.2)
+        vf_loss, _ = ppo.ppo_value_loss(value_model(ids, mask)[:, q - 1:-1], old_values, returns, response_mask, 0.2)
+        return pg_loss + 0.1 * vf_loss
+
+    out["ppo"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))], ppo_loss)
+    # global statistics: whitening, the masked mean, gathering
+    out["whiten"] = common.gather(ppo.masked_whiten(advantages, response_mask))
+    out["whiten_rewards"] = common.gather(ppo.masked_whiten(returns, response_mask, shift_mean=False))
+    out["masked_mean"] = common.all_mean(common.masked_mean(old_logprobs, response_mask))
+    return out
+
+
+if __name__ == "__main__":  # under torchrun
+    dist.init_process_group("gloo")
+    computed = results()
+    if common.rank() == 0:
+        torch.save(computed, sys.argv[1])
+    dist.destroy_process_group()

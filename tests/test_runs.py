@@ -1,0 +1,113 @@
+"""Runs you can trust: bad flags refused before any work, no silent overwrite, checkpoints that
+resume bit for bit after kill -9, the divergence guard, the context-length rule."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, run_main, run_script
+from safetensors.torch import load_file
+
+SCRIPTS = ["sft.py", "reward_model.py", "ppo.py", "ppo_max.py", "rrhf.py", "rcfd.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flags, says", [
+    (["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
+    (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
+    (["--save_every", "0"], "--save_every must be positive, got 0"),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--device", "tpu"], "--device tpu: use auto, cpu or cuda"),
+    (["--device", "cuda"], "--device cuda, but torch finds no CUDA device: use --device cpu"),
+])
+def test_bad_flags_stop_before_anything_is_written(script, flags, says, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    status = run_main(script, *flags, "--output_dir", str(tmp_path / "run"))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script, flags", [("ppo.py", ["--temperature", "0"]), ("rrhf.py", ["--temperature", "0"]),
+                                           ("rcfd.py", ["--temperature", "0"]), ("sft.py", ["--batch_size", "0"]),
+                                           ("reward_model.py", ["--num_epochs", "0"]), ("ppo.py", ["--kl_coef", "-0.1"])])
+def test_more_flags_out_of_range(script, flags, tmp_path, capsys):
+    assert run_main(script, *flags, "--output_dir", str(tmp_path / "run")) == 2
+    assert f"error: {flags[0]} must be" in capsys.readouterr().err
+
+
+def test_an_output_dir_that_holds_a_run_is_refused(sft_model, tmp_path, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in sft_model.iterdir()}
+    for script in SCRIPTS:
+        assert run_main(script, "--output_dir", str(sft_model)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: {sft_model} already holds a run: pass --resume to continue it or --overwrite to replace it"
+    assert {p.name: p.stat().st_mtime_ns for p in sft_model.iterdir()} == before  # nothing touched
+    (tmp_path / "notes.txt").write_text("mine")
+    assert run_main("sft.py", "--output_dir", str(tmp_path)) == 2
+    assert "holds files that are not a run" in capsys.readouterr().err
+    assert run_main("sft.py", "--output_dir", str(tmp_path / "notes.txt" / "run")) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+    assert run_main("sft.py", "--resume", "--output_dir", str(tmp_path / "fresh")) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_the_divergence_guard_stops_and_keeps_no_diverged_model(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("sft.py", "--learning_rate", "1e3", "--max_train_rows", "256", "--num_epochs", "2",
+                        "--eval_rows", "16", "--save_every", "1", "--output_dir", str(out), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "training diverged (is --learning_rate too high?)" in lines[0] and lines[0].startswith("error: step ")
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    if (out / "checkpoint.pt").exists():  # a checkpoint written before the divergence holds finite weights
+        state = torch.load(out / "checkpoint.pt", weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_context_length_rule(sft_model, tmp_path, capsys):
+    # the toy model has 128 positions: a 128-token response leaves none for the prompt
+    status = run_main("ppo.py", "--sft_model_path", str(sft_model), "--reward", "gold", "--max_new_tokens", "128",
+                      "--output_dir", str(tmp_path / "ppo"))
+    assert status == 2 and "--max_new_tokens leaves 0 of the model's positions to the prompt" in capsys.readouterr().err
+    status = run_main("sft.py", "--max_length", "3", "--max_train_rows", "64", "--output_dir", str(tmp_path / "sft"))
+    assert status == 2 and "no example fits in 3 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "sft").exists()
+
+
+def without_wall_clock(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("wall_time", "peak_memory_mb")}
+
+
+def test_kill_9_then_resume_ends_as_the_uninterrupted_run(sft_model, reward_model, tmp_path):
+    """The checkpoint contract: killed at any moment (here mid-run, possibly mid-save) and resumed,
+    a run ends with the same summary, metrics and weights as the run that was never stopped."""
+    flags = ["--sft_model_path", str(sft_model), "--reward_model_path", str(reward_model), "--total_episodes", "96",
+             "--batch_size", "16", "--eval_rows", "16", "--eval_every", "2", "--save_every", "1",
+             "--max_new_tokens", "16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_script("ppo.py", *flags, "--output_dir", str(tmp_path / "full"), env=env)
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *flags, "--output_dir", str(cut)], cwd=ROOT,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = cut / "metrics.jsonl"
+    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 4):
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
+    run_script("ppo.py", *flags, "--output_dir", str(cut), "--resume", env=env)
+
+    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", cut))
+    assert without_wall_clock(resumed) == without_wall_clock(full)
+    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
+              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", cut)]
+    assert lines[0] == lines[1]
+    weights = [load_file(d / "model.safetensors") for d in (tmp_path / "full", cut)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
