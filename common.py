@@ -1,11 +1,6 @@
-"""The module that minrlhf's scripts share, in two parts.
-
-Part 1: the language-model utilities that a copier takes along with one algorithm file: argument
-checks, multi-process setup, loading models, tokenizers and datasets, padding, log-probs, generation,
-scoring, evaluation, the run folder (metrics, checkpoints, saving). Part 2, at the end: the toy world,
-a small language of movie reviews with a known gold reward; a copier drops it with the scripts'
-`toy` branches.
-"""
+"""The module minrlhf's scripts share. Part 1: the language-model utilities a copier takes along with one algorithm
+file (argument checks, processes, loading, padding, log-probs, generation, scores, evaluation, the run folder).
+Part 2, at the end: the toy world, movie reviews with a known gold reward, which a copier drops."""
 
 import functools
 import itertools
@@ -35,16 +30,12 @@ if not sys.stderr.isatty():  # no progress bars in logs, so that one-line errors
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
-# ---------------------------------------------------------------------------------------------
-# Errors, argument checks and the start of a run.
-# ---------------------------------------------------------------------------------------------
-
+# Errors, argument checks and the start of a run -----------------------------------------------------------------------
 
 def fail(message: str) -> NoReturn:
     """Exit with a one-line error (status 2, no traceback): for bad input the user can fix."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
 
 def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
     """fail() unless each named flag is in its range (None means "off" and passes)."""
@@ -55,15 +46,12 @@ def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite replaces it: pass one of them")
 
-
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 _resume_hint = ""  # what Ctrl-C prints: where the last checkpoint is
 
-
 def setup(args) -> tuple[torch.device, int, int]:
-    """Start a run, before anything is loaded: check --output_dir, join the process group when
-    launched by torchrun (NCCL with one GPU per rank on CUDA, gloo on CPU), seed every RNG with its
-    own stream per rank (N+ detail: seed + rank * 100003). Returns (device, rank, world_size)."""
+    """Start a run before anything is loaded: check --output_dir and --device, join torchrun's process group
+    (NCCL, one GPU per rank, on CUDA; gloo on CPU), seed each rank apart (N+ detail: seed + rank * 100003)."""
     out = Path(args.output_dir)
     holds_run = any((out / f).exists() for f in RUN_FILES)
     if args.resume and not (out / "checkpoint.pt").exists():
@@ -72,9 +60,7 @@ def setup(args) -> tuple[torch.device, int, int]:
         fail(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     if out.is_dir() and not holds_run and any(not p.name.startswith(".") for p in out.iterdir()):
         fail(f"{out} holds files that are not a run: choose another --output_dir")
-    parent = out
-    while not parent.exists():  # the folder is made only when the run starts writing
-        parent = parent.parent
+    parent = next(p for p in (out, *out.parents) if p.exists())  # the folder is made when the run first writes
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         fail(f"cannot write to --output_dir {out}: {parent} is not a writable folder")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
@@ -90,30 +76,23 @@ def setup(args) -> tuple[torch.device, int, int]:
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
     transformers.set_seed(args.seed + rank * 100003)
     global _resume_hint
-    _resume_hint = f"resume with: python {' '.join(a for a in sys.argv if a != '--overwrite')}" + \
-        ("" if args.resume else " --resume")
+    command = " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
+    _resume_hint = f"resume with: python {command}"
     signal.signal(signal.SIGINT, _interrupted)
     return torch.device(device), rank, world_size
-
 
 def _interrupted(*_) -> NoReturn:
     if rank() == 0:
         print(f"\ninterrupted: {_resume_hint}", file=sys.stderr)
     sys.exit(130)
 
-
-# ---------------------------------------------------------------------------------------------
-# Several processes (torchrun): each rank holds a shard of the batch; these combine the shards.
-# ---------------------------------------------------------------------------------------------
-
+# Several processes (torchrun): each rank holds a shard of the batch; these combine the shards -------------------------
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))  # set by torchrun
 
-
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of x over ranks (x itself in one process)."""
@@ -123,7 +102,6 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(x)
     return x / world_size()
 
-
 def gather(x: torch.Tensor | list) -> torch.Tensor | list:
     """Concatenate a small tensor (along dim 0) or a list over ranks, in rank order."""
     if world_size() == 1:
@@ -132,13 +110,10 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
     dist.all_gather_object(parts, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
     return torch.cat(parts).to(x.device) if isinstance(x, torch.Tensor) else [v for part in parts for v in part]
 
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x over the entries where mask is 1. Under DDP each rank divides its own sum by the
-    mean count over ranks, so that the mean of this value over ranks (what DDP does to gradients,
-    and all_mean to statistics) is the mean over every rank's entries."""
+    """Mean of x where mask is 1. Each rank divides its sum by the mean count over ranks, so that the mean over
+    ranks of this value (what DDP does to gradients, all_mean to statistics) is the mean over all entries."""
     return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1 / world_size())
-
 
 def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Wrap a trainable model in DistributedDataParallel under torchrun (unchanged in one process)."""
@@ -146,22 +121,16 @@ def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
-
-# ---------------------------------------------------------------------------------------------
-# Loading models, tokenizers and datasets.
-# ---------------------------------------------------------------------------------------------
-
+# Loading models, tokenizers and datasets ------------------------------------------------------------------------------
 
 def _check_exists(name_or_path: str, hint: str) -> None:
     """Fail early on a local path that does not exist; anything else may be a hub id."""
     if not os.path.exists(os.path.expanduser(name_or_path)) and (
             name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1):
         fail(f"{name_or_path} not found: {hint}")
-
 
 def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
     """Tokenizer for `toy`, a hub id or a local directory, with a pad token and left padding."""
@@ -179,13 +148,9 @@ def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
     tokenizer.padding_side = "left"
     return tokenizer
 
-
 def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id"):
-    """A causal LM (kind="causal") or a scalar-head sequence classifier (kind="score"), dropout off
-    (N+ detail: dropout would make PPO's ratios noisy, and both scores of a preference pair differ).
-
-    A "score" model loaded from a causal LM gets a new head, zero-initialized so that its first
-    outputs are 0 (N+ detail for a fresh value model)."""
+    """A causal LM ("causal") or a scalar-head classifier ("score"), dropout off (N+ detail: it would make PPO's
+    ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0."""
     if name_or_path == TOY:
         model = toy_model(tokenizer, kind)
     else:
@@ -201,9 +166,8 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
             transformers.utils.logging.set_verbosity(verbosity)
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "score" and "Classification" not in str(getattr(model.config, "architectures", None)):
-        torch.nn.init.zeros_(model.score.weight)
-        if getattr(model.score, "bias", None) is not None:
-            torch.nn.init.zeros_(model.score.bias)
+        for param in model.score.parameters():  # weight, and bias where the head has one
+            torch.nn.init.zeros_(param)
     for module in model.modules():  # nn.Dropout, and the plain float kept by Llama-style attention
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -211,18 +175,15 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
             module.attention_dropout = 0.0
     return model
 
-
 def max_positions(model) -> int:
     """How many positions the model can attend to (prompt + response must fit)."""
     config = getattr(unwrap(model), "classifier", unwrap(model)).config  # a TokenScores holds a classifier
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31
 
-
 HH_ASSISTANT = "\n\nAssistant:"
 
-
 def _text(value, tokenizer, generation_prompt: bool = False) -> str:
-    """A string as is; a conversational list of messages through the chat template (or joined)."""
+    """A string as is; a conversational list of messages through the chat template (or joined HH-style)."""
     if isinstance(value, str):
         return value
     if getattr(tokenizer, "chat_template", None):
@@ -230,91 +191,76 @@ def _text(value, tokenizer, generation_prompt: bool = False) -> str:
     return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in value) + (
         HH_ASSISTANT if generation_prompt else "")
 
+def _content(completion) -> str:
+    """A completion as is; a conversational one (a list of messages) is its last message's content."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 def standardize_row(row: dict, tokenizer) -> dict:
-    """Map one row of any accepted format to {"prompt", "completion", "chosen", "rejected"} strings
-    (missing parts None). Accepted: TRL prompt-only, prompt/completion, preference with explicit or
-    implicit prompt (standard or conversational `messages`), HH-RLHF raw transcripts, RRHF rows."""
+    """One row of any of the FORMATS (standard or conversational, with explicit or implicit prompt) as
+    {"prompt", "completion", "chosen", "rejected"[, "margin"]} strings (None where missing)."""
     if "query" in row and "responses" in row:  # RRHF: best and worst response by score
         order = sorted(range(len(row["responses"])), key=lambda i: row["scores"][i])
-        return {"prompt": row["query"], "completion": row["responses"][order[-1]],
-                "chosen": row["responses"][order[-1]], "rejected": row["responses"][order[0]]}
-    if "messages" in row:  # conversational SFT: the last assistant turn is the completion
-        msgs = row["messages"]
-        return {"prompt": _text(msgs[:-1], tokenizer, True), "completion": msgs[-1]["content"],
-                "chosen": None, "rejected": None}
-    if "chosen" in row and "rejected" in row:
+        row = {"prompt": row["query"], "chosen": row["responses"][order[-1]], "rejected": row["responses"][order[0]]}
+    elif "messages" in row:  # conversational SFT: the last assistant turn is the completion
+        row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1]["content"]}
+    elif "chosen" in row and "rejected" in row and row.get("prompt") is None:  # implicit prompt
         chosen, rejected = row["chosen"], row["rejected"]
-        if row.get("prompt") is not None:
-            prompt = _text(row["prompt"], tokenizer, True)
-            chosen = chosen if isinstance(chosen, str) else chosen[-1]["content"]
-            rejected = rejected if isinstance(rejected, str) else rejected[-1]["content"]
-        elif isinstance(chosen, str):  # implicit prompt: HH-RLHF raw transcripts
-            cut = chosen.rfind(HH_ASSISTANT)
-            if cut < 0:
-                raise ValueError("implicit-prompt preference rows need a shared prefix ending in '\\n\\nAssistant:'")
+        if not isinstance(chosen, str):  # conversational: every turn but the last
+            row = row | {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        elif (cut := chosen.rfind(HH_ASSISTANT)) < 0:
+            raise ValueError("implicit-prompt preference rows need a shared prefix ending in '\\n\\nAssistant:'")
+        else:  # HH-RLHF raw transcripts
             cut += len(HH_ASSISTANT)
-            prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
-        else:  # implicit prompt, conversational
-            prompt = _text(chosen[:-1], tokenizer, True)
-            chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+            row = row | {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    elif "prompt" not in row:
+        raise ValueError("unknown format")
+    prompt = _text(row["prompt"], tokenizer, True)
+    if "chosen" in row and "rejected" in row:
+        chosen, rejected = _content(row["chosen"]), _content(row["rejected"])
         return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected,
                 **({"margin": row["margin"]} if "margin" in row else {})}
-    if "prompt" in row:
-        completion = row.get("completion")
-        if completion is not None and not isinstance(completion, str):
-            completion = completion[-1]["content"]
-        return {"prompt": _text(row["prompt"], tokenizer, True), "completion": completion,
-                "chosen": None, "rejected": None}
-    raise ValueError("unknown format")
-
+    completion = row.get("completion")
+    return {"prompt": prompt, "completion": None if completion is None else _content(completion),
+            "chosen": None, "rejected": None}
 
 FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (HH-RLHF)",
            "messages", "query/responses/scores (RRHF)")
 NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
-
 
 def _load_splits(name: str, config: str | None):
     """A DatasetDict from a save_to_disk folder, a .json/.jsonl/.parquet file, or the hub."""
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-    if name.endswith((".json", ".jsonl", ".parquet")):
-        if not os.path.exists(name):
-            fail(f"dataset file {name} not found")
-        if name.endswith((".json", ".jsonl")):  # name the line of a malformed row, which datasets does not
-            with open(name) as f:
-                lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-            for i, line in lines if name.endswith(".jsonl") else []:
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"dataset file {name}, line {i}: not valid JSON ({e.msg})")
-            if not lines:
-                fail(f"dataset file {name} is empty")
-        return datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name)
-    return datasets.load_dataset(name, config)
-
+    if not name.endswith((".json", ".jsonl", ".parquet")):
+        return datasets.load_dataset(name, config)
+    if not os.path.exists(name):
+        fail(f"dataset file {name} not found")
+    if name.endswith((".json", ".jsonl")):  # name the line of a malformed row, which datasets does not
+        lines = [(i, line) for i, line in enumerate(Path(name).read_text().split("\n"), 1) if line.strip()]
+        for i, line in lines if name.endswith(".jsonl") else []:
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"dataset file {name}, line {i}: not valid JSON ({e.msg})")
+        if not lines:
+            fail(f"dataset file {name} is empty")
+    return datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name)
 
 def load_data(name: str, stage: str, tokenizer, config: str | None = None, train_split: str = "train",
               test_split: str = "test", test_rows: int = 256, max_train_rows: int | None = None):
-    """Train and test rows standardized for a stage: "sft" (prompt, completion), "preference"
-    (prompt, chosen, rejected[, margin]) or "prompts" (prompt[, completion]).
-
-    `name` is `toy`, a hub id, a .json/.jsonl/.parquet file or a `save_to_disk` folder. Without a
-    test split, the last `test_rows` rows of the train split (at most half of it) are held out."""
+    """Train and test rows standardized for a stage: "sft" (prompt, completion), "preference" (prompt, chosen,
+    rejected[, margin]) or "prompts" (prompt[, completion]). `name`: `toy`, a hub id, a .json/.jsonl/.parquet file
+    or a save_to_disk folder. Without a test split, the last `test_rows` rows of train (at most half) are held out."""
     try:
         splits = toy_dataset(stage) if name == TOY else _load_splits(name, config)
     except Exception as e:  # noqa: BLE001 (unreadable data: the user's to fix)
         fail(f"cannot load dataset {name} ({str(e).splitlines()[0]})")
     if train_split not in splits:
         fail(f"dataset {name} has no split {train_split!r} (it has {list(splits)}): pass --dataset_train_split")
-    train = splits[train_split]
-    if test_split in splits:
-        test = splits[test_split]
-    else:  # hold out the last rows, at most half of a small dataset
-        held_out = min(test_rows, len(train) // 2)
-        if held_out == 0:
+    train, test = splits[train_split], splits.get(test_split)
+    if test is None:  # hold out the last rows, at most half of a small dataset
+        if (held_out := min(test_rows, len(train) // 2)) == 0:
             fail(f"dataset {name} has {len(train)} rows in split {train_split!r}: too few to train and evaluate")
         test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
     if len(train) == 0 or len(test) == 0:
@@ -323,34 +269,28 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
     train = train.select(range(min(max_train_rows or len(train), len(train))))
     return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
 
-
 def _standardize(dataset, name: str, stage: str, tokenizer) -> list[dict]:
-    columns = dataset.column_names
+    columns, formats = dataset.column_names, ", ".join(FORMATS)
     try:
         rows = [standardize_row(row, tokenizer) for row in dataset]
     except (ValueError, KeyError, TypeError, IndexError) as e:
-        fail(f"dataset {name} has columns {columns}, which fit no accepted format ({e}); "
-             f"accepted: {', '.join(FORMATS)}")
-    missing = [k for k in NEEDS[stage] if not rows or rows[0][k] is None]
-    if missing:
+        fail(f"dataset {name} has columns {columns}, which fit no accepted format ({e}); accepted: {formats}")
+    if missing := [k for k in NEEDS[stage] if not rows or rows[0][k] is None]:
         fail(f"dataset {name} has columns {columns}, but the {stage} stage needs {', '.join(missing)}; "
-             f"accepted formats: {', '.join(FORMATS)}")
+             f"accepted formats: {formats}")
     return rows
-
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
-
 
 def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[int]:
     # add_special_tokens=False: a completion must not get a second <bos> (SPEC correctness fact)
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if add_eos else ids
 
-
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    """Each prompt's token ids, left-truncated to its last `max_tokens` (the end of a prompt is what
-    a response continues), so that prompt + response fit the model's positions; says how many."""
+    """Each prompt's ids, left-truncated to its last `max_tokens` (a response continues a prompt's end) so that
+    prompt + response fit the model's positions; says how many lost their start."""
     if max_tokens < 1:
         fail(f"--max_new_tokens leaves {max_tokens} of the model's positions to the prompt: lower it")
     queries = [encode_prompt(tokenizer, p) for p in prompts]
@@ -358,11 +298,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[
         print(f"note: {cut} of {len(queries)} prompts are longer than {max_tokens} tokens and lose their start")
     return [q[-max_tokens:] for q in queries]
 
-
-# ---------------------------------------------------------------------------------------------
-# Padding, log-probs, generation, scores.
-# ---------------------------------------------------------------------------------------------
-
+# Padding, log-probs, generation, scores -------------------------------------------------------------------------------
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists into (batch, max_len) ids and attention mask; "left" for generation."""
@@ -370,56 +306,44 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], True, 0, side)
     return ids, mask
 
-
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that ignore left padding. GPT-2 in transformers 5 does not derive them from the
-    mask in a plain forward pass; without this, left-padded rows get wrong log-probs."""
+    """Position ids that skip left padding: GPT-2 in transformers 5 does not derive them from the mask in a plain
+    forward pass, and left-padded rows would get wrong log-probs."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
-
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor):
     """Model forward with mask-derived position ids; returns the model output."""
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
-
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(label) under softmax(logits / temperature). logits (B, T, V), labels (B, T) -> (B, T)."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
-
 def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs (and logits) of the response part of query+response sequences.
-
-    query_response (B, context_len + R), mask (B, context_len + R) -> logprobs (B, R), logits (B, R, V).
+    """Log-probs (B, R) and logits (B, R, V) of the response part of query_response, mask (B, context_len + R).
     The logit at position t predicts token t+1, hence the shift by one."""
     logits = forward(model, query_response, mask).logits[:, context_len - 1:-1]
     return logprobs_from_logits(logits, query_response[:, context_len:], temperature), logits
-
 
 def truncate_after_eos(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask (B, R) of response tokens up to and including the first EOS; and (B,) whether one came."""
     is_eos = (responses == eos_id).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long(), is_eos.bool().any(-1)
 
-
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False):
-    """Sample responses for left-padded queries (B, Q), reusing the KV cache.
-
-    Returns responses (B, R) right-padded with pad (R <= max_new_tokens: generation stops once
-    every row has ended), response_mask (B, R) up to and including the first EOS, ended (B,) bool
-    (an EOS came before the length limit), and the generation's logits (B, R, V), from which the
-    old log-probs can be read without another forward pass."""
-    # Sample from softmax(logits / T) and nothing else: a hub model's own generation config may add
-    # a repetition penalty, banned n-grams or suppressed tokens, and samples from that distribution
-    # would not match the log-probs we compute. So generate() gets a config with only our settings.
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-    config = transformers.GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                           eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True,
-                                           output_logits=True, **sampling)
+    """Sample responses for left-padded queries (B, Q) with the KV cache. Returns responses (B, R <= max_new_tokens)
+    padded after EOS, response_mask (B, R) up to and including the first EOS, ended (B,) (an EOS came), and the
+    logits (B, R, V), from which the old log-probs can be read without another forward pass."""
+    # Only softmax(logits / T): a hub model's own generation config (repetition penalty, suppressed tokens, ...)
+    # would sample from another distribution than our log-probs, so generate() sees a config of ours alone.
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    config = transformers.GenerationConfig(
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        return_dict_in_generate=True, output_logits=True, **({"do_sample": False} if greedy else sampling))
     model = unwrap(model)
     saved, model.generation_config = model.generation_config, config  # generate() would fill gaps from it
     try:
@@ -431,12 +355,10 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     return responses, response_mask, ended, torch.stack(out.logits, 1)
 
-
 class TokenScores(torch.nn.Module):
-    """The scalar head of a sequence-classification model (a reward or value model) at every
-    position: ids, mask (B, T) -> scores (B, T). It skips transformers' own pooling, which finds the
-    last token by searching for the pad id and so breaks when pad == EOS or with left padding; and it
-    is a module, so that DDP can wrap it."""
+    """A classifier's scalar head (reward or value model) at every position: ids, mask (B, T) -> scores (B, T).
+    It skips transformers' pooling, which finds the last token by the pad id and so breaks when pad == EOS or
+    with left padding; and it is a module, so that DDP can wrap it."""
 
     def __init__(self, classifier):
         super().__init__()
@@ -446,54 +368,46 @@ class TokenScores(torch.nn.Module):
         hidden = self.classifier.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return self.classifier.score(hidden.last_hidden_state).squeeze(-1).float()
 
-
 def last_token_scores(model: TokenScores, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Score of each sequence read at its last real token (EOS), for left or right padding. -> (B,)"""
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # index of the last 1 in each row
     return model(ids, mask)[torch.arange(len(ids)), last]
 
-
 def retokenize(prompts: list[str], responses: torch.Tensor, response_mask: torch.Tensor, tokenizer,
                other_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + response ids for a model with another tokenizer (say, a reward model): decoded to
-    text and encoded its way, right-padded, with its EOS only where the response ended with one."""
+    """Prompt + response ids for a model with another tokenizer (a reward model, say): through text, right-padded,
+    with its EOS only where the response ended with one."""
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).tolist()
     return pad([encode_prompt(other_tokenizer, p) + encode_completion(other_tokenizer, t, add_eos=e)
                 for p, t, e in zip(prompts, texts, ended)], other_tokenizer.pad_token_id)
 
-
 def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Number of response tokens excluding EOS. (B, R) -> (B,)"""
     return response_mask.sum(-1) - ((responses == eos_id) & (response_mask == 1)).any(-1).long()
 
-
 def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible
-    (for example `<pad>` sampled mid-response), so that the toy gold reward sees them as malformed."""
+    """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible (a `<pad>`
+    sampled mid-response, say), so that the toy gold reward sees them as malformed."""
     keep = (response_mask == 1) & (responses != tokenizer.eos_token_id)
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
-
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[list[int]], score_fn,
              max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, batch_size: int = 64,
              seed: int = 0) -> tuple[dict, list[dict]]:
-    """Evaluate a policy on held-out prompts: mean score, KL to the reference (sum over response
-    tokens of log pi - log pi_ref, on the policy's samples), length and EOS rate. Returns (metrics,
-    samples), one sample dict per prompt. Each rank takes every world_size-th prompt; the samples
-    are gathered. Sampling uses its own seed and leaves the training RNG as it was, so that two
-    evaluations differ by their policies, not by sampling noise.
-
-    score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) scores."""
+    """Mean score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) on held-out prompts, KL to the
+    reference (sum of log pi - log pi_ref on the policy's samples), length and EOS rate; and one sample per prompt.
+    Each rank takes every world_size-th batch. Sampling has its own seed and leaves the training RNG as it was, so
+    that two evaluations differ by their policies, not by sampling noise."""
     device = next(policy.parameters()).device
     unwrap(policy).eval()
     samples = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + rank())
         for i in range(rank() * batch_size, len(prompts), world_size() * batch_size):
-            batch_prompts = prompts[i:i + batch_size]
-            query_ids, query_mask = (t.to(device) for t in pad(queries[i:i + batch_size], tokenizer.pad_token_id, "left"))
+            batch_prompts, batch_queries = prompts[i:i + batch_size], queries[i:i + batch_size]
+            query_ids, query_mask = (t.to(device) for t in pad(batch_queries, tokenizer.pad_token_id, "left"))
             with autocast(device):
                 responses, response_mask, ended, logits = generate(policy, query_ids, query_mask, tokenizer,
                                                                    max_new_tokens, temperature, greedy)
@@ -502,35 +416,29 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
                 scores = score_fn(batch_prompts, query_ids, query_mask, responses, response_mask)
             kl = ((logprobs_from_logits(logits, responses, temperature) - ref_logprobs) * response_mask).sum(-1)
             lengths = response_length(responses, response_mask, tokenizer.eos_token_id)
-            for j, (prompt, text) in enumerate(zip(batch_prompts, decode_responses(tokenizer, responses, response_mask))):
+            texts = decode_responses(tokenizer, responses, response_mask)
+            for j, (prompt, text) in enumerate(zip(batch_prompts, texts)):
                 samples.append({"index": i + j, "prompt": prompt, "response": text, "score": scores[j].item(),
                                 "kl": kl[j].item(), "length": lengths[j].item(), "eos": bool(ended[j])})
     samples = sorted(gather(samples), key=lambda s: s["index"])
-    metrics = {k: sum(float(s[k]) for s in samples) / len(samples) for k in ("score", "kl", "length", "eos")}
-    return {"reward": metrics["score"], "kl": metrics["kl"], "length": metrics["length"], "eos_rate": metrics["eos"]}, samples
+    keys = {"reward": "score", "kl": "kl", "length": "length", "eos_rate": "eos"}
+    return {name: sum(float(s[k]) for s in samples) / len(samples) for name, k in keys.items()}, samples
 
-
-# ---------------------------------------------------------------------------------------------
-# Precision, progress, and the run folder: metrics, checkpoints, the final model.
-# ---------------------------------------------------------------------------------------------
-
+# Precision, progress, and the run folder: metrics, checkpoints, the final model ---------------------------------------
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; full precision on CPU (where bf16 is slower for small models)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-
 def progress(iterable=None, **kwargs):
     """A progress bar on stderr of rank 0, when stderr is a terminal (tqdm's disable=None)."""
     return tqdm(iterable, disable=None if rank() == 0 else True, dynamic_ncols=True, **kwargs)
 
-
 def write_json(path: str | Path, obj) -> None:
     """Write JSON (a dict, or a list as JSON lines) atomically: to a temporary name, then renamed."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text("".join(json.dumps(o) + "\n" for o in obj) if isinstance(obj, list) else json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
+    text = "".join(json.dumps(o) + "\n" for o in obj) if isinstance(obj, list) else json.dumps(obj, indent=2) + "\n"
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
 
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated on CUDA, else the process's peak resident memory (Linux: KiB)."""
@@ -539,22 +447,18 @@ def peak_memory_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
-
 class Run:
-    """A run folder, written by rank 0 alone: one stdout line per logged step, metrics.jsonl,
-    TensorBoard (if installed) and W&B (--track); checkpoints; the final model, samples and summary.
-
-    `state` names what a checkpoint holds besides the RNGs and the loop's own values: the trainable
-    models, the optimizer and the scheduler (anything with state_dict and load_state_dict). With
-    --resume they are loaded here, and `resumed` holds the loop's values saved with them."""
+    """A run folder, written by rank 0: one stdout line per logged step, metrics.jsonl, TensorBoard (if installed)
+    and W&B (--track); checkpoints; the final model, samples and summary. `state` names what a checkpoint holds
+    besides the RNGs and the loop's values (models, optimizer, scheduler: anything with state_dict and
+    load_state_dict); --resume loads them here, and `resumed` holds the loop's values saved with them."""
 
     def __init__(self, args, state: dict):
-        self.args, self.state, self.dir = args, state, Path(args.output_dir)
+        self.state, self.dir = state, Path(args.output_dir)
         self.checkpoint, self.start = self.dir / "checkpoint.pt", time.time()
         self.main, self.resumed, offset = rank() == 0, None, 0
         if args.resume:
@@ -609,20 +513,19 @@ class Run:
             self.wandb.log(metrics)
 
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
-        """The divergence guard: stop at the first non-finite loss or gradient norm, with a one-line
-        error and exit status 1, before the bad update reaches a checkpoint or the saved model."""
+        """The divergence guard: at the first non-finite loss or gradient norm, a one-line error and exit status 1,
+        before the bad update reaches a checkpoint or the saved model."""
         for name, value in values.items():
             if not torch.isfinite(value).all():
-                kept = f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists() else "no checkpoint was written"
+                kept = (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
+                        else "no checkpoint was written")
                 print(f"error: step {step}: {name} is {value.float().max().item()}: training diverged "
                       f"(is --learning_rate too high?); {kept}", file=sys.stderr)
                 sys.exit(1)
 
     def save(self, step: int, **loop) -> None:
-        """Write a checkpoint: the `state` objects, every rank's RNG states, the loop's own values
-        (data order, controllers, the step: rank 0's, so they must be the same on every rank) and where
-        metrics.jsonl ends. Atomic: a temporary file renamed over the last one, so a kill at any
-        moment leaves a whole checkpoint."""
+        """Checkpoint the `state` objects, every rank's RNGs, the loop's values (rank 0's: they must agree across
+        ranks) and where metrics.jsonl ends; atomically (a temporary file renamed), so a kill leaves a whole one."""
         rngs = gather([_rng_state()])
         if self.main:
             tmp = self.dir / "checkpoint.pt.tmp"
@@ -633,12 +536,10 @@ class Run:
         _resume_hint = f"the last checkpoint (step {step}) is {self.checkpoint}; " + _resume_hint.split("; ")[-1]
 
     def finish(self, model, tokenizer, summary: dict, **samples: list[dict]) -> None:
-        """Save the model and tokenizer (save_pretrained, via a temporary folder so that a kill never
-        leaves a half-written model), each list of samples as <name>.jsonl, then summary.json: a
-        folder with a summary.json holds a finished run."""
+        """Save the model and tokenizer (via a temporary folder: a kill never leaves half a model), each list of
+        samples as <name>.jsonl, then summary.json, which marks a finished run."""
         model = unwrap(model)
-        for name, param in model.named_parameters():
-            self.check_finite("final", **{f"parameter {name}": param.detach()})
+        self.check_finite("final", **{f"parameter {name}": param.detach() for name, param in model.named_parameters()})
         if self.main:
             tmp = self.dir / ".saving"
             model.save_pretrained(tmp)
@@ -658,8 +559,8 @@ class Run:
             if self.wandb:
                 self.wandb.finish()
         if dist.is_initialized():
+            dist.barrier()  # no rank leaves while rank 0 still saves
             dist.destroy_process_group()
-
 
 # ---------------------------------------------------------------------------------------------
 # Part 2. The toy world: a word-level grammar of movie reviews with a known gold reward. A copier

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
 import ppo
+import reward_model
 import sft
 
 TOKENIZER = common.toy_tokenizer()
@@ -21,7 +22,8 @@ ROWS = common.toy_dataset("sft")["train"].select(range(8)).to_list()  # the whol
 def tiny(cls):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(TOKENIZER), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=TOKENIZER.pad_token_id, num_labels=1)
+                        embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=TOKENIZER.pad_token_id, num_labels=1,
+                        bos_token_id=TOKENIZER.bos_token_id, eos_token_id=TOKENIZER.eos_token_id)
     return cls.from_config(config)
 
 
@@ -44,6 +46,18 @@ def results() -> dict:
     # sft.py: the completion loss, a token mean over the global batch
     ids, mask, labels = sft.collate(sft.tokenize(shard(ROWS), TOKENIZER, 64), TOKENIZER.pad_token_id)
     out["sft"] = sgd_step([tiny(AutoModelForCausalLM)], lambda m: sft.completion_loss(common.forward(m, ids, mask).logits, labels))
+
+    # reward_model.py: the Bradley-Terry loss (with a centering term), a mean over the global batch of pairs
+    pairs = shard(common.toy_dataset("preference")["train"].select(range(8)).to_list())
+    seqs = [common.encode_prompt(TOKENIZER, p["prompt"]) + common.encode_completion(TOKENIZER, p[side])
+            for side in ("chosen", "rejected") for p in pairs]
+    pair_ids, pair_mask = common.pad(seqs, TOKENIZER.pad_token_id)
+
+    def bt_loss(model):
+        scores = common.last_token_scores(model, pair_ids, pair_mask)
+        return reward_model.bradley_terry_loss(scores[:len(pairs)], scores[len(pairs):], center_coef=0.01)
+
+    out["reward_model"] = sgd_step([common.TokenScores(tiny(AutoModelForSequenceClassification))], bt_loss)
 
     # ppo.py: policy and value losses on a fixed rollout (prompt, response, old log-probs, advantages, returns)
     g = torch.Generator().manual_seed(1)
@@ -75,4 +89,5 @@ if __name__ == "__main__":  # under torchrun
     computed = results()
     if common.rank() == 0:
         torch.save(computed, sys.argv[1])
+    dist.barrier()  # no rank leaves while another still works
     dist.destroy_process_group()

@@ -211,8 +211,6 @@ def test_generate_pads_after_eos_and_its_logits_give_the_forward_logprobs(tok) -
     assert torch.allclose(gen_logprobs * response_mask, forward_logprobs * response_mask, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="common.generate passes generation_config=..., and transformers 5 fills "
-                   "each field it leaves unset from model.generation_config (repetition_penalty, suppress_tokens, ...)")
 def test_generate_ignores_the_models_own_generation_config(tok) -> None:
     """Sampling settings in a hub model's generation config (here: a suppressed token) would make
     the samples disagree with the log-probs we compute; generate() must use only ours."""
@@ -921,9 +919,6 @@ def assert_equal_states(a, b) -> None:
         assert a == b
 
 
-@pytest.mark.xfail(strict=True, reason="common.Run: after truncate() the append-mode file's tell() still "
-                   "gives the old length, so a save before the first log of a resumed run records a stale "
-                   "offset, and the next resume pads metrics.jsonl with NUL bytes")
 def test_a_checkpoint_written_before_any_log_of_a_resumed_run_keeps_metrics_whole(tmp_path: Path, start) -> None:
     args = RunArgs(str(tmp_path / "run"))
     start(args)

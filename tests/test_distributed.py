@@ -22,7 +22,7 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 def test_two_ranks_with_half_a_batch_equal_one_process_with_all_of_it(tmp_path):
     torchrun(str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path / "two.pt"))
     two, one = torch.load(tmp_path / "two.pt"), distributed_worker.results()
-    for stage in ("sft", "ppo"):
+    for stage in ("sft", "reward_model", "ppo"):
         assert one[stage].keys() == two[stage].keys()
         for name in one[stage]:
             torch.testing.assert_close(two[stage][name], one[stage][name], rtol=0, atol=1e-5, msg=f"{stage} {name}")

@@ -111,3 +111,19 @@ def test_kill_9_then_resume_ends_as_the_uninterrupted_run(sft_model, reward_mode
     weights = [load_file(d / "model.safetensors") for d in (tmp_path / "full", cut)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), "--max_train_rows", "512", "--num_epochs", "100",
+                                "--eval_rows", "16", "--eval_every", "1", "--save_every", "1", "--output_dir", str(out)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None and not (out / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert process.returncode == 130 and len(lines) == 1, err
+    assert lines[0].startswith("interrupted: the last checkpoint (step ") and f"{out / 'checkpoint.pt'}" in lines[0]
+    assert lines[0].endswith(f"resume with: python {ROOT / 'sft.py'} --max_train_rows 512 --num_epochs 100 --eval_rows 16 "
+                             f"--eval_every 1 --save_every 1 --output_dir {out} --resume")
