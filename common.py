@@ -30,12 +30,14 @@ if not sys.stderr.isatty():  # no progress bars in logs, so that one-line errors
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
+
 # Errors, argument checks and the start of a run -----------------------------------------------------------------------
 
 def fail(message: str) -> NoReturn:
     """Exit with a one-line error (status 2, no traceback): for bad input the user can fix."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
 
 def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
     """fail() unless each named flag is in its range (None means "off" and passes)."""
@@ -46,8 +48,10 @@ def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...
     if args.resume and args.overwrite:
         fail("--resume continues a run and --overwrite replaces it: pass one of them")
 
+
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 _resume_hint = ""  # what Ctrl-C prints: where the last checkpoint is
+
 
 def setup(args) -> tuple[torch.device, int, int]:
     """Start a run before anything is loaded: check --output_dir and --device, join torchrun's process group
@@ -81,18 +85,22 @@ def setup(args) -> tuple[torch.device, int, int]:
     signal.signal(signal.SIGINT, _interrupted)
     return torch.device(device), rank, world_size
 
+
 def _interrupted(*_) -> NoReturn:
     if rank() == 0:
         print(f"\ninterrupted: {_resume_hint}", file=sys.stderr)
     sys.exit(130)
+
 
 # Several processes (torchrun): each rank holds a shard of the batch; these combine the shards -------------------------
 
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))  # set by torchrun
 
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of x over ranks (x itself in one process)."""
@@ -102,6 +110,7 @@ def all_mean(x: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(x)
     return x / world_size()
 
+
 def gather(x: torch.Tensor | list) -> torch.Tensor | list:
     """Concatenate a small tensor (along dim 0) or a list over ranks, in rank order."""
     if world_size() == 1:
@@ -110,10 +119,12 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
     dist.all_gather_object(parts, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
     return torch.cat(parts).to(x.device) if isinstance(x, torch.Tensor) else [v for part in parts for v in part]
 
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x where mask is 1. Each rank divides its sum by the mean count over ranks, so that the mean over
     ranks of this value (what DDP does to gradients, all_mean to statistics) is the mean over all entries."""
     return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1 / world_size())
+
 
 def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Wrap a trainable model in DistributedDataParallel under torchrun (unchanged in one process)."""
@@ -121,8 +132,10 @@ def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
 
 # Loading models, tokenizers and datasets ------------------------------------------------------------------------------
 
@@ -131,6 +144,7 @@ def _check_exists(name_or_path: str, hint: str) -> None:
     if not os.path.exists(os.path.expanduser(name_or_path)) and (
             name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1):
         fail(f"{name_or_path} not found: {hint}")
+
 
 def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
     """Tokenizer for `toy`, a hub id or a local directory, with a pad token and left padding."""
@@ -147,6 +161,7 @@ def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
 
 def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id"):
     """A causal LM ("causal") or a scalar-head classifier ("score"), dropout off (N+ detail: it would make PPO's
@@ -175,12 +190,15 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
             module.attention_dropout = 0.0
     return model
 
+
 def max_positions(model) -> int:
     """How many positions the model can attend to (prompt + response must fit)."""
     config = getattr(unwrap(model), "classifier", unwrap(model)).config  # a TokenScores holds a classifier
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31
 
+
 HH_ASSISTANT = "\n\nAssistant:"
+
 
 def _text(value, tokenizer, generation_prompt: bool = False) -> str:
     """A string as is; a conversational list of messages through the chat template (or joined HH-style)."""
@@ -191,9 +209,11 @@ def _text(value, tokenizer, generation_prompt: bool = False) -> str:
     return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in value) + (
         HH_ASSISTANT if generation_prompt else "")
 
+
 def _content(completion) -> str:
     """A completion as is; a conversational one (a list of messages) is its last message's content."""
     return completion if isinstance(completion, str) else completion[-1]["content"]
+
 
 def standardize_row(row: dict, tokenizer) -> dict:
     """One row of any of the FORMATS (standard or conversational, with explicit or implicit prompt) as
@@ -223,9 +243,13 @@ def standardize_row(row: dict, tokenizer) -> dict:
     return {"prompt": prompt, "completion": None if completion is None else _content(completion),
             "chosen": None, "rejected": None}
 
+
 FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (HH-RLHF)",
            "messages", "query/responses/scores (RRHF)")
+
+
 NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
+
 
 def _load_splits(name: str, config: str | None):
     """A DatasetDict from a save_to_disk folder, a .json/.jsonl/.parquet file, or the hub."""
@@ -246,6 +270,7 @@ def _load_splits(name: str, config: str | None):
         if not lines:
             fail(f"dataset file {name} is empty")
     return datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name)
+
 
 def load_data(name: str, stage: str, tokenizer, config: str | None = None, train_split: str = "train",
               test_split: str = "test", test_rows: int = 256, max_train_rows: int | None = None):
@@ -269,6 +294,7 @@ def load_data(name: str, stage: str, tokenizer, config: str | None = None, train
     train = train.select(range(min(max_train_rows or len(train), len(train))))
     return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
 
+
 def _standardize(dataset, name: str, stage: str, tokenizer) -> list[dict]:
     columns, formats = dataset.column_names, ", ".join(FORMATS)
     try:
@@ -280,13 +306,16 @@ def _standardize(dataset, name: str, stage: str, tokenizer) -> list[dict]:
              f"accepted formats: {formats}")
     return rows
 
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
+
 
 def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[int]:
     # add_special_tokens=False: a completion must not get a second <bos> (SPEC correctness fact)
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id] if add_eos else ids
+
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
     """Each prompt's ids, left-truncated to its last `max_tokens` (a response continues a prompt's end) so that
@@ -298,6 +327,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[
         print(f"note: {cut} of {len(queries)} prompts are longer than {max_tokens} tokens and lose their start")
     return [q[-max_tokens:] for q in queries]
 
+
 # Padding, log-probs, generation, scores -------------------------------------------------------------------------------
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,19 +336,23 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
     mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], True, 0, side)
     return ids, mask
 
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: GPT-2 in transformers 5 does not derive them from the mask in a plain
     forward pass, and left-padded rows would get wrong log-probs."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
+
 def forward(model, ids: torch.Tensor, mask: torch.Tensor):
     """Model forward with mask-derived position ids; returns the model output."""
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(label) under softmax(logits / temperature). logits (B, T, V), labels (B, T) -> (B, T)."""
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
 
 def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,10 +361,12 @@ def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, c
     logits = forward(model, query_response, mask).logits[:, context_len - 1:-1]
     return logprobs_from_logits(logits, query_response[:, context_len:], temperature), logits
 
+
 def truncate_after_eos(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask (B, R) of response tokens up to and including the first EOS; and (B,) whether one came."""
     is_eos = (responses == eos_id).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long(), is_eos.bool().any(-1)
+
 
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, max_new_tokens: int,
@@ -355,6 +391,7 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     return responses, response_mask, ended, torch.stack(out.logits, 1)
 
+
 class TokenScores(torch.nn.Module):
     """A classifier's scalar head (reward or value model) at every position: ids, mask (B, T) -> scores (B, T).
     It skips transformers' pooling, which finds the last token by the pad id and so breaks when pad == EOS or
@@ -368,10 +405,12 @@ class TokenScores(torch.nn.Module):
         hidden = self.classifier.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         return self.classifier.score(hidden.last_hidden_state).squeeze(-1).float()
 
+
 def last_token_scores(model: TokenScores, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Score of each sequence read at its last real token (EOS), for left or right padding. -> (B,)"""
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # index of the last 1 in each row
     return model(ids, mask)[torch.arange(len(ids)), last]
+
 
 def retokenize(prompts: list[str], responses: torch.Tensor, response_mask: torch.Tensor, tokenizer,
                other_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,15 +421,18 @@ def retokenize(prompts: list[str], responses: torch.Tensor, response_mask: torch
     return pad([encode_prompt(other_tokenizer, p) + encode_completion(other_tokenizer, t, add_eos=e)
                 for p, t, e in zip(prompts, texts, ended)], other_tokenizer.pad_token_id)
 
+
 def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Number of response tokens excluding EOS. (B, R) -> (B,)"""
     return response_mask.sum(-1) - ((responses == eos_id) & (response_mask == 1)).any(-1).long()
+
 
 def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
     """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible (a `<pad>`
     sampled mid-response, say), so that the toy gold reward sees them as malformed."""
     keep = (response_mask == 1) & (responses != tokenizer.eos_token_id)
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
+
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[list[int]], score_fn,
@@ -424,21 +466,25 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
     keys = {"reward": "score", "kl": "kl", "length": "length", "eos_rate": "eos"}
     return {name: sum(float(s[k]) for s in samples) / len(samples) for name, k in keys.items()}, samples
 
+
 # Precision, progress, and the run folder: metrics, checkpoints, the final model ---------------------------------------
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; full precision on CPU (where bf16 is slower for small models)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
+
 def progress(iterable=None, **kwargs):
     """A progress bar on stderr of rank 0, when stderr is a terminal (tqdm's disable=None)."""
     return tqdm(iterable, disable=None if rank() == 0 else True, dynamic_ncols=True, **kwargs)
+
 
 def write_json(path: str | Path, obj) -> None:
     """Write JSON (a dict, or a list as JSON lines) atomically: to a temporary name, then renamed."""
     text = "".join(json.dumps(o) + "\n" for o in obj) if isinstance(obj, list) else json.dumps(obj, indent=2) + "\n"
     Path(f"{path}.tmp").write_text(text)
     os.replace(f"{path}.tmp", path)
+
 
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated on CUDA, else the process's peak resident memory (Linux: KiB)."""
@@ -447,9 +493,11 @@ def peak_memory_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
 
 class Run:
     """A run folder, written by rank 0: one stdout line per logged step, metrics.jsonl, TensorBoard (if installed)
@@ -563,6 +611,7 @@ class Run:
             dist.destroy_process_group()
 
 # ---------------------------------------------------------------------------------------------
+
 # Part 2. The toy world: a word-level grammar of movie reviews with a known gold reward. A copier
 # drops this section, and the `toy` branches of the scripts with it.
 # ---------------------------------------------------------------------------------------------
@@ -571,6 +620,8 @@ TOY = "toy"
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 NOUNS = ("movie film plot story acting cast ending music script dialogue pacing soundtrack director camera "
          "humor villain hero scenery costumes effects sequel finale characters editing writing lighting").split()
+
+
 ADJECTIVES = {  # valence of each adjective, -2 .. +2
     **dict.fromkeys("great amazing wonderful brilliant superb excellent fantastic beautiful stunning".split(), 2.0),
     **dict.fromkeys("good fun nice charming solid clever enjoyable pleasant".split(), 1.0),
@@ -578,12 +629,18 @@ ADJECTIVES = {  # valence of each adjective, -2 .. +2
     **dict.fromkeys("bad poor boring slow weak bland silly dull messy mediocre confusing".split(), -1.0),
     **dict.fromkeys("awful terrible horrible dreadful painful".split(), -2.0),
 }
+
+
 VERBS = {  # past tense -> (base form, valence)
     "loved": ("love", 2.0), "adored": ("adore", 2.0), "liked": ("like", 1.0), "enjoyed": ("enjoy", 1.0),
     "watched": ("watch", 0.0), "disliked": ("dislike", -1.0), "hated": ("hate", -2.0), "regretted": ("regret", -2.0),
 }
+
+
 INTENSIFIERS = {"very": 1.5, "really": 1.5, "truly": 1.5, "extremely": 2.0, "quite": 1.2,
                 "somewhat": 0.5, "slightly": 0.5}
+
+
 ADVERBS = {"really": 1.5, "truly": 1.5, "honestly": 1.0, "mostly": 0.5}
 VALENCE = {**ADJECTIVES, **{past: v for past, (_, v) in VERBS.items()}, **{base: v for base, v in VERBS.values()}}
 MULTIPLIER = {**INTENSIFIERS, **ADVERBS}
@@ -595,6 +652,7 @@ SENTENCE_FORMS = [["the", tuple(NOUNS), "was", *_ADJ_PHRASE], ["it", "was", *_AD
 for _object in (["it"], ["the", tuple(NOUNS)]):
     SENTENCE_FORMS += [["i", ("", "", "") + tuple(ADVERBS), tuple(VERBS), *_object, "."],
                        ["i", "did", "not", tuple(b for b, _ in VERBS.values()), *_object, "."]]
+
 
 def _grammatical_sentences() -> dict[tuple[str, ...], float]:
     """Every sentence the forms produce (about 19k, so checking grammar is a dict lookup), with its
@@ -609,8 +667,10 @@ def _grammatical_sentences() -> dict[tuple[str, ...], float]:
             table[sentence] = value
     return table
 
+
 SENTENCE_VALENCE = _grammatical_sentences()
 TOY_WORDS = sorted({w for sentence in SENTENCE_VALENCE for w in sentence})
+
 
 def _sample_sentence(rng: random.Random, prefix: list[str]) -> list[str] | None:
     """Sample one sentence whose first words are `prefix` (None if the chosen form cannot match)."""
@@ -625,6 +685,7 @@ def _sample_sentence(rng: random.Random, prefix: list[str]) -> list[str] | None:
         words += [w] if (w := rng.choice(choices)) else []
     return words if words[:len(prefix)] == prefix else None  # a skipped slot can miss the prefix
 
+
 def sample_review(rng: random.Random, prefix: list[str] = ()) -> list[str]:
     """A review of 1-6 grammatical sentences (a list of words) that starts with `prefix`."""
     while (words := _sample_sentence(rng, list(prefix))) is None:
@@ -632,6 +693,7 @@ def sample_review(rng: random.Random, prefix: list[str] = ()) -> list[str]:
     for _ in range(rng.randint(0, 5)):
         words += _sample_sentence(rng, [])  # with no prefix every form matches
     return words
+
 
 def split_sentences(text: str) -> list[list[str]]:
     """Split text into sentences at "."; a trailing fragment without "." is its own sentence."""
@@ -642,6 +704,7 @@ def split_sentences(text: str) -> list[list[str]]:
             sentences.append([])
     return [s for s in sentences if s]
 
+
 def gold_reward(prompt: str, completion: str) -> float:
     """The toy world's true reward of a review: the mean valence of its well-formed, distinct
     sentences, minus 2 per malformed sentence and 1 per repeated sentence."""
@@ -651,10 +714,12 @@ def gold_reward(prompt: str, completion: str) -> float:
     mean = sum(SENTENCE_VALENCE[s] for s in distinct) / len(distinct) if distinct else 0.0
     return mean - (2.0 * (len(sentences) - len(grammatical)) + (len(grammatical) - len(distinct)))
 
+
 def well_formed(prompt: str, completion: str) -> float:
     """Fraction of the review's sentences that are grammatical (0 for an empty review)."""
     sentences = split_sentences(f"{prompt} {completion}")
     return sum(tuple(s) in SENTENCE_VALENCE for s in sentences) / max(len(sentences), 1)
+
 
 def gold_metrics(samples: list[dict]) -> dict:
     """Add the gold reward and well-formed rate to each sample (prompt, response); return their means."""
@@ -662,9 +727,11 @@ def gold_metrics(samples: list[dict]) -> dict:
         s["gold"], s["well_formed"] = gold_reward(s["prompt"], s["response"]), well_formed(s["prompt"], s["response"])
     return {k: sum(s[k] for s in samples) / len(samples) for k in ("gold", "well_formed")}
 
+
 def length_reward(n_tokens: torch.Tensor, target: int) -> torch.Tensor:
     """Golden length reward 1 - |n/N - 1| (Fan et al. 2023; Singhal et al. 2023's LPPO)."""
     return 1.0 - (n_tokens.float() / target - 1.0).abs()
+
 
 def toy_tokenizer():
     """Word-level tokenizer over the toy vocabulary, as a transformers fast tokenizer that prepends <bos>."""
@@ -674,6 +741,7 @@ def toy_tokenizer():
     tok.post_processor = tokenizers.processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
                                                 eos_token=EOS, unk_token=UNK, padding_side="left")
+
 
 def toy_model(tokenizer, kind: str = "causal"):
     """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off: a causal
@@ -689,6 +757,7 @@ def toy_model(tokenizer, kind: str = "causal"):
     with torch.random.fork_rng():
         torch.manual_seed(torch.initial_seed() - rank() * 100003)
         return auto.from_config(config)
+
 
 @functools.cache
 def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256, k: float = 2.0, c: float = 0.1):
