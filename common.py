@@ -200,51 +200,78 @@ def max_positions(model) -> int:
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-def _text(value, tokenizer, generation_prompt: bool = False) -> str:
-    """A string as is; a conversational list of messages through the chat template (or joined HH-style)."""
-    if isinstance(value, str):
-        return value
+def _render(messages: list[dict], tokenizer, generation_prompt: bool = False) -> str:
+    """Messages as text: through the chat template, or (without one) joined HH-style."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=generation_prompt)
-    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in value) + (
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages) + (
         HH_ASSISTANT if generation_prompt else "")
 
 
-def _content(completion) -> str:
-    """A completion as is; a conversational one (a list of messages) is its last message's content."""
-    return completion if isinstance(completion, str) else completion[-1]["content"]
+def _reply(prompt: str | list[dict], reply: str | list[dict], tokenizer) -> str:
+    """A completion as text. After a conversational prompt, TRL's rule: render prompt + reply with the chat template
+    and cut off the rendered prompt (with its generation prompt), so that the reply ends with the template's
+    end-of-turn token; anything after that token (a newline, say) goes, since generation stops at it and the reward
+    model reads its score there. Without a template, the reply's content."""
+    if isinstance(prompt, str):
+        if not isinstance(reply, str):
+            raise TypeError("a conversational completion needs a conversational prompt")
+        return reply
+    if isinstance(reply, str):  # a plain-text answer to a conversation
+        reply = [{"role": "assistant", "content": reply}]
+    if not getattr(tokenizer, "chat_template", None):
+        return reply[-1]["content"]
+    head, full = _render(prompt, tokenizer, True), _render(prompt + reply, tokenizer)
+    if not full.startswith(head):
+        raise ValueError("the chat template does not render prompt + reply as the prompt with its generation prompt, "
+                         "then the reply")
+    text = full[len(head):]
+    ends = [i + len(s) for s in map(tokenizer.decode, stop_ids(tokenizer)) if s and (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
+
+
+def implicit_prompt(chosen: str | list[dict], rejected: str | list[dict]) -> dict:
+    """The prompt that a preference pair without one shares, as TRL finds it, and the two completions after it.
+    Messages: every message but the last, an assistant's. Text: the longest common prefix, less a trailing space
+    (which goes with the completions); in an HH-RLHF transcript, the prefix up to its last "\n\nAssistant:"."""
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        if (isinstance(chosen, str) or isinstance(rejected, str) or chosen[:-1] != rejected[:-1]
+                or {chosen[-1]["role"], rejected[-1]["role"]} != {"assistant"}):
+            raise ValueError("conversational chosen and rejected must share every message but the last, the "
+                             "assistant's")
+        return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    shared = os.path.commonprefix([chosen, rejected])
+    if (cut := shared.rfind(HH_ASSISTANT)) >= 0:  # HH-RLHF: the last turn is the assistant's answer
+        shared = shared[:cut + len(HH_ASSISTANT)]
+    elif shared.endswith(" "):
+        shared = shared[:-1]
+    return {"prompt": shared, "chosen": chosen[len(shared):], "rejected": rejected[len(shared):]}
 
 
 def standardize_row(row: dict, tokenizer) -> dict:
     """One row of any of the FORMATS (standard or conversational, with explicit or implicit prompt) as
-    {"prompt", "completion", "chosen", "rejected"[, "margin"]} strings (None where missing)."""
+    {"prompt", "completion", "chosen", "rejected"[, "margin"]} strings (None where missing). A conversational
+    prompt is rendered with its generation prompt, and each completion as what the template adds to it."""
     if "query" in row and "responses" in row:  # RRHF: best and worst response by score
         order = sorted(range(len(row["responses"])), key=lambda i: row["scores"][i])
         row = {"prompt": row["query"], "chosen": row["responses"][order[-1]], "rejected": row["responses"][order[0]]}
-    elif "messages" in row:  # conversational SFT: the last assistant turn is the completion
-        row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1]["content"]}
-    elif "chosen" in row and "rejected" in row and row.get("prompt") is None:  # implicit prompt
-        chosen, rejected = row["chosen"], row["rejected"]
-        if not isinstance(chosen, str):  # conversational: every turn but the last
-            row = row | {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-        elif (cut := chosen.rfind(HH_ASSISTANT)) < 0:
-            raise ValueError("implicit-prompt preference rows need a shared prefix ending in '\\n\\nAssistant:'")
-        else:  # HH-RLHF raw transcripts
-            cut += len(HH_ASSISTANT)
-            row = row | {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    elif "messages" in row:  # conversational SFT: the last turn is the completion
+        row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+    elif "chosen" in row and "rejected" in row and row.get("prompt") is None:
+        row = row | implicit_prompt(row["chosen"], row["rejected"])
     elif "prompt" not in row:
         raise ValueError("unknown format")
-    prompt = _text(row["prompt"], tokenizer, True)
-    if "chosen" in row and "rejected" in row:
-        chosen, rejected = _content(row["chosen"]), _content(row["rejected"])
+    prompt = row["prompt"] if isinstance(row["prompt"], str) else _render(row["prompt"], tokenizer, True)
+    if row.get("chosen") is not None and row.get("rejected") is not None:
+        chosen, rejected = _reply(row["prompt"], row["chosen"], tokenizer), _reply(row["prompt"], row["rejected"], tokenizer)
         return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected,
                 **({"margin": row["margin"]} if "margin" in row else {})}
     completion = row.get("completion")
-    return {"prompt": prompt, "completion": None if completion is None else _content(completion),
+    return {"prompt": prompt, "completion": None if completion is None else _reply(row["prompt"], completion, tokenizer),
             "chosen": None, "rejected": None}
 
 
-FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (HH-RLHF)",
+FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (implicit prompt, HH-RLHF)",
            "messages", "query/responses/scores (RRHF)")
 
 
@@ -308,13 +335,49 @@ def _standardize(dataset, name: str, stage: str, tokenizer) -> list[dict]:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt)["input_ids"]
+    """A prompt's ids, with the tokenizer's special tokens (<bos>) unless the text starts with <bos> already, as a
+    chat template renders it (Llama, Mistral, Gemma): never two."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
 
 
-def encode_completion(tokenizer, completion: str, add_eos: bool = True) -> list[int]:
-    # add_special_tokens=False: a completion must not get a second <bos> (SPEC correctness fact)
-    ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if add_eos else ids
+def encode_completion(tokenizer, completion: str, add_eos: bool = True, prompt: str | None = None) -> list[int]:
+    """A completion's ids, ending with a stop token: EOS is appended (add_eos) unless the text ends with one already,
+    as a chat template's turn ends with its end-of-turn token. Given its prompt, the ids of prompt + completion past
+    the prompt's (TRL's rule: a tokenizer may merge across the seam, and SentencePiece marks a text's first word);
+    alone, or where the seam changes the prompt's ids, the completion's own, with add_special_tokens=False (SPEC
+    correctness fact: no second <bos>)."""
+    ids = None
+    if prompt is not None:
+        head, full = encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt + completion)
+        ids = full[len(head):] if full[:len(head)] == head else None
+    if ids is None:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if add_eos and not (ids and ids[-1] in stop_ids(tokenizer)) else ids
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The tokens that end a response: EOS, the chat template's end-of-turn token (<|im_end|>, <|eot_id|>,
+    <end_of_turn>: the first special token it renders after an assistant's reply), and the EOS ids of the generation
+    config saved with the tokenizer (a model may list several)."""
+    ids = [tokenizer.eos_token_id, *_generation_eos_ids(tokenizer.name_or_path)]
+    if getattr(tokenizer, "chat_template", None):
+        reply = "minrlhf"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
+                                             tokenize=False)
+        special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
+        after = tokenizer(text[text.rfind(reply) + len(reply):], add_special_tokens=False)["input_ids"]
+        ids += [i for i in after if i in special][:1]
+    return list(dict.fromkeys(ids))
+
+
+@functools.cache
+def _generation_eos_ids(name_or_path: str) -> tuple[int, ...]:
+    try:
+        eos = transformers.GenerationConfig.from_pretrained(name_or_path).eos_token_id
+    except (OSError, ValueError):  # no generation config there (a tokenizer built in memory, a classifier)
+        return ()
+    return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
@@ -362,23 +425,26 @@ def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, c
     return logprobs_from_logits(logits, query_response[:, context_len:], temperature), logits
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask (B, R) of response tokens up to and including the first EOS; and (B,) whether one came."""
-    is_eos = (responses == eos_id).long()
+def truncate_after_eos(responses: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask (B, R) of response tokens up to and including the first stop token (any of eos_ids: stop_ids); and (B,)
+    whether one came."""
+    is_eos = torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device)).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long(), is_eos.bool().any(-1)
 
 
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False):
-    """Sample responses for left-padded queries (B, Q) with the KV cache. Returns responses (B, R <= max_new_tokens)
-    padded after EOS, response_mask (B, R) up to and including the first EOS, ended (B,) (an EOS came), and the
-    logits (B, R, V), from which the old log-probs can be read without another forward pass."""
+    """Sample responses for left-padded queries (B, Q) with the KV cache, each ending at its first stop token (EOS
+    or the chat template's end of turn: stop_ids). Returns responses (B, R <= max_new_tokens) padded after it,
+    response_mask (B, R) up to and including it, ended (B,) (a stop token came), and the logits (B, R, V), from
+    which the old log-probs can be read without another forward pass."""
     # Only softmax(logits / T): a hub model's own generation config (repetition penalty, suppressed tokens, ...)
     # would sample from another distribution than our log-probs, so generate() sees a config of ours alone.
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    stops = stop_ids(tokenizer)
     config = transformers.GenerationConfig(
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
         return_dict_in_generate=True, output_logits=True, **({"do_sample": False} if greedy else sampling))
     model = unwrap(model)
     saved, model.generation_config = model.generation_config, config  # generate() would fill gaps from it
@@ -387,7 +453,7 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
     finally:
         model.generation_config = saved
     responses = out.sequences[:, queries.shape[1]:]
-    response_mask, ended = truncate_after_eos(responses, tokenizer.eos_token_id)
+    response_mask, ended = truncate_after_eos(responses, stops)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
     return responses, response_mask, ended, torch.stack(out.logits, 1)
 
@@ -407,30 +473,41 @@ class TokenScores(torch.nn.Module):
 
 
 def last_token_scores(model: TokenScores, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Score of each sequence read at its last real token (EOS), for left or right padding. -> (B,)"""
+    """Score of each sequence read at its last real token (its stop token), for left or right padding. -> (B,)"""
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # index of the last 1 in each row
     return model(ids, mask)[torch.arange(len(ids)), last]
 
 
 def retokenize(prompts: list[str], responses: torch.Tensor, response_mask: torch.Tensor, tokenizer,
                other_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt + response ids for a model with another tokenizer (a reward model, say): through text, right-padded,
-    with its EOS only where the response ended with one."""
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).tolist()
-    return pad([encode_prompt(other_tokenizer, p) + encode_completion(other_tokenizer, t, add_eos=e)
-                for p, t, e in zip(prompts, texts, ended)], other_tokenizer.pad_token_id)
+    """Prompt + response ids for a model with another tokenizer (a reward model, say): through text, right-padded.
+    A response that ended gets the other tokenizer's stop token of the same name (a shared chat template's end of
+    turn), else its EOS; one cut at the length limit gets none."""
+    stops, other_stops = stop_ids(tokenizer), stop_ids(other_tokenizer)
+    rows = []
+    for prompt, row, mask in zip(prompts, responses.tolist(), response_mask.tolist()):
+        tokens = [t for t, m in zip(row, mask) if m]
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        end = []
+        if tokens and tokens[-1] in stops:
+            same = other_tokenizer.convert_tokens_to_ids(tokenizer.convert_ids_to_tokens(tokens[-1]))
+            end = [same if same in other_stops else other_tokenizer.eos_token_id]
+        rows.append(encode_prompt(other_tokenizer, prompt) +
+                    encode_completion(other_tokenizer, text, add_eos=False, prompt=prompt) + end)
+    return pad(rows, other_tokenizer.pad_token_id)
 
 
-def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Number of response tokens excluding EOS. (B, R) -> (B,)"""
-    return response_mask.sum(-1) - ((responses == eos_id) & (response_mask == 1)).any(-1).long()
+def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_ids: int | list[int]) -> torch.Tensor:
+    """Number of response tokens excluding the stop token (any of eos_ids: stop_ids). (B, R) -> (B,)"""
+    stopped = torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device)) & (response_mask == 1)
+    return response_mask.sum(-1) - stopped.any(-1).long()
 
 
 def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
-    """Text of each response (B, R) up to its EOS, EOS excluded. Other special tokens stay visible (a `<pad>`
-    sampled mid-response, say), so that the toy gold reward sees them as malformed."""
-    keep = (response_mask == 1) & (responses != tokenizer.eos_token_id)
+    """Text of each response (B, R) up to its stop token (stop_ids), which is left out. Other special tokens stay
+    visible (a `<pad>` sampled mid-response, say), so that the toy gold reward sees them as malformed."""
+    stops = torch.as_tensor(stop_ids(tokenizer), device=responses.device)
+    keep = (response_mask == 1) & ~torch.isin(responses, stops)
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
 
 

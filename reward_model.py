@@ -208,16 +208,36 @@ def shift_scores(model, shift: float) -> bool:
     The `score` head of transformers' decoder classifiers (GPT-2, Pythia, Llama, ...) is a Linear
     without bias, and a bias added to it is dropped on reload because the class rebuilds the head
     from the config. So we fold the shift into the bias of the final LayerNorm that feeds the head:
-    w . (h + delta) = w . h - shift for delta = -shift * w / |w|^2. RMSNorm models (Llama) have no
-    such bias."""
+    w . (h + delta) = w . h - shift for delta = -shift * w / |w|^2. RMSNorm models (Llama, Mistral,
+    Qwen, Gemma) end in g * x / rms(x): no bias after the normalization, and a constant added before
+    it is divided by rms(x), which varies with the input. No edit of their weights shifts every
+    score by the same amount, so they keep their offset (the same under transformers as here)."""
     final_norms = [m for name, m in model.base_model.named_modules()
-                   if name.split(".")[-1] in ("ln_f", "final_layer_norm", "final_layernorm")]
+                   if name.split(".")[-1] in ("ln_f", "final_layer_norm", "final_layernorm", "norm")]
     if not final_norms or getattr(final_norms[-1], "bias", None) is None:
         return False
     if shift != 0:  # a zero head gives zero scores, hence shift 0 and nothing to divide by
         w = model.score.weight[0]
         final_norms[-1].bias -= shift * w / w.dot(w)
     return True
+
+
+def prepare_for_transformers(classifier, tokenizer) -> None:
+    """Make the saved reward model score under plain transformers (AutoModelForSequenceClassification and
+    AutoTokenizer) exactly as last_token_scores scores it here. transformers reads each score at the last token that
+    is not the pad: where the pad is a stop token (pad == EOS, as for every model that ships without a pad), that
+    is the token before the EOS. So such a model gets a pad token of its own (one more embedding row where the
+    matrix has none to spare; nothing attends to a pad). And transformers derives no position ids from the mask,
+    which only right padding makes harmless: the saved tokenizer pads on the right."""
+    if tokenizer.pad_token_id in common.stop_ids(tokenizer):
+        pad, vocab = "<pad>", tokenizer.get_vocab()
+        while pad in vocab:  # a token of its own, never one that a text holds
+            pad = f"<{pad}>"
+        tokenizer.add_special_tokens({"pad_token": pad})
+        if tokenizer.pad_token_id >= classifier.get_input_embeddings().num_embeddings:
+            classifier.resize_token_embeddings(tokenizer.pad_token_id + 1, mean_resizing=False)
+        classifier.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
 
 
 if __name__ == "__main__":
@@ -303,9 +323,10 @@ if __name__ == "__main__":
     # (the scores are gathered, so the mean and the shifted weights are the same in every process)
     classifier = common.unwrap(model).classifier
     demo_score_mean = score_sequences(model, demos, pad_id, 2 * args.batch_size, device).mean().item()
-    if not shift_scores(classifier, demo_score_mean):
-        print(f"note: {type(classifier).__name__} has no LayerNorm bias under its score head to shift; "
-              f"scores keep their demonstration mean {demo_score_mean:.3f}")
+    centered = shift_scores(classifier, demo_score_mean)
+    if not centered:
+        print(f"note: {type(classifier).__name__} has no bias after its final normalization (an RMSNorm, say) to "
+              f"shift: its scores keep their demonstration mean {demo_score_mean:.3f}")
 
     # ---- evaluation on held-out pairs: accuracy, length correlation, and on toy the gold reward ----
     chosen, rejected = score_pairs(model, test, pad_id, 2 * args.batch_size, device)
@@ -314,7 +335,7 @@ if __name__ == "__main__":
     scores, lengths = torch.cat([chosen, rejected]), torch.cat([chosen_len, rejected_len]).float()
     summary = {"accuracy": pairwise_accuracy(chosen - rejected),
                "length_corr": torch.corrcoef(torch.stack([scores, lengths]))[0, 1].item(),
-               "demo_score_mean": demo_score_mean}
+               "demo_score_mean": demo_score_mean, "centered": centered}
     if toy:
         # The noise-free preference: gold margins, 0 on a gold tie (where either answer is right,
         # so pairwise_accuracy counts it half).
@@ -325,4 +346,6 @@ if __name__ == "__main__":
         # only by also learning the annotator's length bias (which length_corr then shows)
         summary["label_ceiling"] = pairwise_accuracy(gold_margins)
     summary["accuracy_by_length_diff"] = accuracy_by_length_diff(chosen - rejected, chosen_len - rejected_len)
+    # ---- saving, so that transformers' AutoModelForSequenceClassification gives these same scores ----
+    prepare_for_transformers(classifier, tokenizer)
     run.finish(classifier, tokenizer, summary)

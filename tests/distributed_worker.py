@@ -2,6 +2,7 @@
 holds. tests/test_distributed.py runs it in one process on the whole batch, and under torchrun with
 2 processes (gloo) on half of it each; DDP and the global statistics must make the two agree."""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -90,4 +91,5 @@ if __name__ == "__main__":  # under torchrun
     if common.rank() == 0:
         torch.save(computed, sys.argv[1])
     dist.barrier()  # no rank leaves while another still works
+    gc.collect()  # the DDP wrappers' threads end before the process group does
     dist.destroy_process_group()

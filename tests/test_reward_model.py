@@ -12,7 +12,15 @@ import pytest
 import torch
 from conftest import run_script
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 import common
 import reward_model
@@ -224,3 +232,84 @@ def test_unusable_dataset_is_a_one_line_error(sft_model: Path, tmp_path: Path) -
                         "--output_dir", str(tmp_path / "rm"), check=False)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "foo" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The saved reward model under plain transformers: the same scores, centered where the model allows.
+# ---------------------------------------------------------------------------------------------
+
+
+def word_tokenizer(style: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the toy words: `gpt2` (one special token, <|endoftext|>, for BOS, EOS and
+    unknown words, no pad, no BOS added), `llama` (<s> added in front, </s>, no pad), or `toy` (a pad of its own)."""
+    if style == "toy":
+        return common.toy_tokenizer()
+    specials = {"gpt2": ["<|endoftext|>"], "llama": ["<unk>", "<s>", "</s>"]}[style]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + common.TOY_WORDS)}, unk_token=specials[0]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if style == "llama":
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=specials[0], bos_token=specials[-2 if style == "llama" else 0],
+                                   eos_token=specials[-1])
+
+
+def tiny_lm(arch: str, tokenizer) -> AutoModelForCausalLM:
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    config = (GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=2, **ids) if arch == "gpt2" else
+              LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, max_position_embeddings=64, **ids))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["pad is EOS", "own pad"])
+def test_a_saved_reward_model_gives_the_same_scores_under_plain_transformers(arch: str, style: str,
+                                                                               tmp_path: Path) -> None:
+    """reward_model.py's path (score model from a causal LM, the shift, prepare_for_transformers, save_pretrained)
+    against AutoModelForSequenceClassification + AutoTokenizer on the texts: the same scores, right-padded in a
+    batch, centered where the final norm has a bias (GPT-2), uncentered but still equal where not (Llama)."""
+    word_tokenizer({"pad is EOS": arch, "own pad": "toy"}[style]).save_pretrained(tmp_path / "sft")
+    tokenizer = common.load_tokenizer(str(tmp_path / "sft"))
+    assert (tokenizer.pad_token_id == tokenizer.eos_token_id) == (style == "pad is EOS")
+    tiny_lm(arch, tokenizer).save_pretrained(tmp_path / "sft")
+    model = common.load_model(str(tmp_path / "sft"), tokenizer, "score")
+    torch.nn.init.normal_(model.score.weight)  # a trained head, not the zero one
+    rows = common.toy_dataset("sft")["train"].select(range(12)).to_list()
+    demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"],
+                                                                                      prompt=r["prompt"]) for r in rows]
+    assert len({len(d) for d in demos}) > 1  # a batch of them is padded
+    scorer, cpu = common.TokenScores(model), torch.device("cpu")
+    demo_mean = reward_model.score_sequences(scorer, demos, tokenizer.pad_token_id, 4, cpu).mean().item()
+    assert reward_model.shift_scores(model, demo_mean) == (arch == "gpt2")  # Llama's RMSNorm has no bias
+    ours = reward_model.score_sequences(scorer, demos, tokenizer.pad_token_id, 4, cpu)
+    if arch == "gpt2":
+        assert ours.mean().item() == pytest.approx(0.0, abs=1e-5)
+
+    texts = [f"{r['prompt']} {r['completion']} {tokenizer.eos_token}" for r in rows]
+
+    def plain_scores(path: Path) -> torch.Tensor:
+        plain_tokenizer = AutoTokenizer.from_pretrained(path)
+        batch = plain_tokenizer(texts, padding=True, return_tensors="pt")
+        assert [ids[m == 1].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])] == demos
+        with torch.no_grad():
+            return AutoModelForSequenceClassification.from_pretrained(path)(**batch).logits[:, 0]
+
+    if style == "pad is EOS":  # the trap: saved as it is, transformers reads the token before the EOS
+        model.save_pretrained(tmp_path / "as_is")
+        tokenizer.save_pretrained(tmp_path / "as_is")
+        assert (plain_scores(tmp_path / "as_is") - ours).abs().max() > 1e-3
+    reward_model.prepare_for_transformers(model, tokenizer)
+    model.save_pretrained(tmp_path / "rm")  # as run.finish saves them
+    tokenizer.save_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(plain_scores(tmp_path / "rm"), ours, atol=1e-5, rtol=0)
+
+    # The RL scripts load it back with our code: the same scores; and the policy's ids mean the same tokens to it
+    # (its vocabulary holds the policy's, id for id, plus its own pad), so it may read them without retokenize.
+    rm_tokenizer = common.load_tokenizer(str(tmp_path / "rm"))
+    reloaded = common.TokenScores(common.load_model(str(tmp_path / "rm"), rm_tokenizer, "score"))
+    torch.testing.assert_close(reward_model.score_sequences(reloaded, demos, rm_tokenizer.pad_token_id, 4, cpu), ours,
+                               atol=1e-5, rtol=0)
+    policy_tokenizer = common.load_tokenizer(str(tmp_path / "sft"))
+    assert rm_tokenizer.get_vocab().items() >= policy_tokenizer.get_vocab().items()
+    assert len(rm_tokenizer) == len(policy_tokenizer) + (style == "pad is EOS")
