@@ -534,7 +534,7 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
                 ref_logprobs, _ = response_logprobs(ref_policy, ids, mask, query_ids.shape[1], temperature)
                 scores = score_fn(batch_prompts, query_ids, query_mask, responses, response_mask)
             kl = ((logprobs_from_logits(logits, responses, temperature) - ref_logprobs) * response_mask).sum(-1)
-            lengths = response_length(responses, response_mask, tokenizer.eos_token_id)
+            lengths = response_length(responses, response_mask, stop_ids(tokenizer))
             texts = decode_responses(tokenizer, responses, response_mask)
             for j, (prompt, text) in enumerate(zip(batch_prompts, texts)):
                 samples.append({"index": i + j, "prompt": prompt, "response": text, "score": scores[j].item(),

@@ -233,7 +233,7 @@ if __name__ == "__main__":
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
         reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
         reward_model = reward_model.to(device).requires_grad_(False)
-        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
         # N+: the value model starts from the reward model, which already reads the text's quality
         # (but it reads the policy's token ids, so only when the two share a vocabulary)
         value_init = args.reward_model_path if same_vocab else value_init
@@ -258,7 +258,7 @@ if __name__ == "__main__":
             texts = common.decode_responses(tokenizer, responses, response_mask)
             return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
         if args.reward == "length":
-            n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+            n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
             return common.length_reward(n_tokens, args.target_length)
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
@@ -309,7 +309,7 @@ if __name__ == "__main__":
             # V(s_t), the value of the state before response token t, is read one position earlier
             values = value_model(query_response, attention_mask)[:, context_len - 1:-1]
         raw_scores = scores.float()
-        lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
+        lengths = common.response_length(responses, response_mask, common.stop_ids(tokenizer)).float()
         if args.length_penalty:  # Singhal et al.: sigma * (1 - len/N)
             scores = scores + args.length_penalty * (1 - lengths / args.target_length)
         if args.missing_eos_penalty is not None:  # N+ "EOS trick"

@@ -283,7 +283,7 @@ def ptx_loss(policy, rows: list[dict], tokenizer, device: torch.device) -> torch
     """Pretraining loss: mean cross-entropy of the completion tokens (and EOS) of SFT
     demonstrations (of every process's rows), the prompt being context only, as in sft.py."""
     prompts = [common.encode_prompt(tokenizer, row["prompt"]) for row in rows]
-    completions = [common.encode_completion(tokenizer, row["completion"]) for row in rows]
+    completions = [common.encode_completion(tokenizer, row["completion"], prompt=row["prompt"]) for row in rows]
     ids, mask = common.pad([p + c for p, c in zip(prompts, completions)], tokenizer.pad_token_id, side="right")
     targets, _ = common.pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, side="right")
     ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
@@ -329,7 +329,7 @@ if __name__ == "__main__":
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
         reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
         reward_model = reward_model.to(device).requires_grad_(False)
-        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
         # N+: the value model starts from the reward model, which already reads the text's quality
         # (but it reads the policy's token ids, so only when the two share a vocabulary)
         value_init = args.reward_model_path if same_vocab else value_init
@@ -360,7 +360,7 @@ if __name__ == "__main__":
             texts = common.decode_responses(tokenizer, responses, response_mask)
             return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
         if args.reward == "length":
-            n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+            n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
             return common.length_reward(n_tokens, args.target_length)
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
@@ -416,7 +416,7 @@ if __name__ == "__main__":
         # included), clip to +-delta; the penalties below then count in these normalized units
         score_moments.update(common.gather(raw_scores))
         scores = normalize_and_clip_scores(raw_scores, score_moments.mean, score_moments.std, args.reward_clip)
-        lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
+        lengths = common.response_length(responses, response_mask, common.stop_ids(tokenizer)).float()
         if args.length_penalty:  # Singhal et al.: sigma * (1 - len/N)
             scores = scores + args.length_penalty * (1 - lengths / args.target_length)
         if args.missing_eos_penalty is not None:  # N+ "EOS trick"

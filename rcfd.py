@@ -208,7 +208,7 @@ if __name__ == "__main__":
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
         reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
         reward_model = reward_model.to(device).requires_grad_(False)
-        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
     policy = common.ddp(policy, device)
@@ -239,7 +239,7 @@ if __name__ == "__main__":
                     texts = common.decode_responses(tokenizer, responses, response_mask)
                     components.append(torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device))
                 elif kind == "length":
-                    n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+                    n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
                     components.append(common.length_reward(n_tokens, args.target_length))
                 else:  # loglik: the frozen reference policy's log-likelihood, at the sampling temperature
                     logprobs, _ = common.response_logprobs(ref_policy, ids, mask, queries.shape[1], args.temperature)
@@ -250,7 +250,8 @@ if __name__ == "__main__":
         """Every reward component of demonstrations (n, K), scored as a rollout is: the prompt cut as
         the policy's queries are, the completion and EOS as the response (cut to the model's positions)."""
         queries = [common.encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
-        responses = [common.encode_completion(tokenizer, c)[:max_positions - len(q)] for q, c in zip(queries, completions)]
+        responses = [common.encode_completion(tokenizer, c, prompt=p)[:max_positions - len(q)]
+                     for p, q, c in zip(prompts, queries, completions)]
         query_ids, query_mask = common.pad(queries, tokenizer.pad_token_id, "left")
         response_ids, response_mask = common.pad(responses, tokenizer.pad_token_id, "right")
         return get_scores(prompts, query_ids.to(device), query_mask.to(device), response_ids.to(device),
@@ -351,7 +352,7 @@ if __name__ == "__main__":
 
         # ---- 5. logging (averaged over processes): the usual RL metrics, and how close the rewards
         # are to the demonstrations'; evaluation; checkpoint ----
-        lengths = common.response_length(responses, response_mask.long(), tokenizer.eos_token_id).float()
+        lengths = common.response_length(responses, response_mask.long(), common.stop_ids(tokenizer)).float()
         all_scores, all_demo_scores = common.gather(scores.cpu()), common.gather(demo_scores.cpu())  # the whole batch
         metrics = {
             "episode": iteration * args.batch_size,

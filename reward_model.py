@@ -147,8 +147,8 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     examples = []
     for row in rows:
         prompt = common.encode_prompt(tokenizer, row["prompt"])
-        chosen = common.encode_completion(tokenizer, row["chosen"])
-        rejected = common.encode_completion(tokenizer, row["rejected"])
+        chosen = common.encode_completion(tokenizer, row["chosen"], prompt=row["prompt"])
+        rejected = common.encode_completion(tokenizer, row["rejected"], prompt=row["prompt"])
         if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
             examples.append({**row, "chosen_ids": prompt + chosen, "rejected_ids": prompt + rejected,
                              "chosen_len": len(chosen) - 1, "rejected_len": len(rejected) - 1})
@@ -261,13 +261,13 @@ if __name__ == "__main__":
     # ---- length interventions on the training pairs (Singhal et al. 2023) ----
     rng = random.Random(args.seed)
     if args.length_balance:
-        diffs = [len(common.encode_completion(tokenizer, r["chosen"])) -
-                 len(common.encode_completion(tokenizer, r["rejected"])) for r in train_rows]
+        diffs = [len(common.encode_completion(tokenizer, r["chosen"], prompt=r["prompt"])) -
+                 len(common.encode_completion(tokenizer, r["rejected"], prompt=r["prompt"])) for r in train_rows]
         train_rows = [train_rows[i] for i in length_balance(diffs, args.length_bin_width, rng)]
     if args.random_augment > 0:
         train_rows = random_augment(train_rows, args.random_augment, rng)
     train, test = tokenize(train_rows, tokenizer, max_length), tokenize(test_rows, tokenizer, max_length)
-    demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"])
+    demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"], prompt=r["prompt"])
              for r in demo_rows]
     demos = [d for d in demos if len(d) <= max_length]  # the pairs' context rule
     if not demos:

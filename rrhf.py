@@ -155,7 +155,7 @@ def given_candidates(row: dict, tokenizer, max_new_tokens: int, demo: bool) -> l
     ready-made RRHF row's responses with their scores (source `data`); otherwise, with the `demo`
     source, the demonstration and the rejected response of preference data, to be scored."""
     def cut(text: str) -> list[int]:
-        return common.encode_completion(tokenizer, text)[:max_new_tokens]
+        return common.encode_completion(tokenizer, text, prompt=row["prompt"])[:max_new_tokens]
 
     if "responses" in row:
         return [(cut(r), "data", float(s)) for r, s in zip(row["responses"], row["scores"])]
@@ -247,7 +247,7 @@ if __name__ == "__main__":
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, rm_hint)
         reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", rm_hint))
         reward_model = reward_model.to(device).requires_grad_(False)
-        same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+        same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
     num_models = 1 + (ref_policy is not None) + (args.reward == "model")  # held during training
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
@@ -271,7 +271,7 @@ if __name__ == "__main__":
             texts = common.decode_responses(tokenizer, responses, response_mask)
             return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
         if args.reward == "length":
-            n_tokens = common.response_length(responses, response_mask, tokenizer.eos_token_id)
+            n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
             return common.length_reward(n_tokens, args.target_length)
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
@@ -361,8 +361,9 @@ if __name__ == "__main__":
         # candidates, their rewards; checkpoint ----
         pairs = ranked_pairs(ranking_rewards, valid)
         every = torch.ones_like(flat_rewards)
-        lengths = common.response_length(responses, response_mask, tokenizer.eos_token_id).float()
-        ended = ((responses == tokenizer.eos_token_id) & (response_mask == 1)).any(-1).float()
+        lengths = common.response_length(responses, response_mask, common.stop_ids(tokenizer)).float()
+        ended = (torch.isin(responses, torch.tensor(common.stop_ids(tokenizer), device=responses.device))
+                 & (response_mask == 1)).any(-1).float()
         metrics = {"episode": step * args.queries_per_step, "loss/rank": loss_rank.item(), "loss/ft": loss_ft.item(),
                    "loss/total": loss.item(),
                    "rank/accuracy": common.masked_mean((scores[:, :, None] < scores[:, None, :]).float(), pairs).item(),

@@ -66,7 +66,7 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[in
     examples = []
     for row in rows:
         prompt = common.encode_prompt(tokenizer, row["prompt"])
-        completion = common.encode_completion(tokenizer, row["completion"])
+        completion = common.encode_completion(tokenizer, row["completion"], prompt=row["prompt"])
         if len(prompt) + len(completion) <= max_length:
             examples.append((prompt + completion, [-100] * len(prompt) + completion))
     if len(examples) < len(rows) and common.rank() == 0:

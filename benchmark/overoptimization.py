@@ -76,7 +76,7 @@ def reward_model_scores(tokenizer, reward_model_path: str, device: torch.device)
     score read at each response's last real token, as ppo.py and rcfd.py score their rollouts."""
     rm_tokenizer = common.load_tokenizer(reward_model_path)
     reward_model = common.TokenScores(common.load_model(reward_model_path, rm_tokenizer, "score")).to(device).eval()
-    same_vocab = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()
 
     @torch.no_grad()
     def score_fn(prompts, queries, query_mask, responses, response_mask) -> torch.Tensor:
@@ -93,7 +93,8 @@ def demo_score_fn(tokenizer, score_fn, max_prompt_tokens: int, max_positions: in
     demonstrations: the prompt cut as the queries are, the completion and EOS as the response."""
     def score_texts(prompts: list[str], completions: list[str]) -> torch.Tensor:
         queries = [common.encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
-        responses = [common.encode_completion(tokenizer, c)[:max_positions - len(q)] for q, c in zip(queries, completions)]
+        responses = [common.encode_completion(tokenizer, c, prompt=p)[:max_positions - len(q)]
+                     for p, q, c in zip(prompts, queries, completions)]
         (query_ids, query_mask), (response_ids, response_mask) = (
             common.pad(queries, tokenizer.pad_token_id, "left"), common.pad(responses, tokenizer.pad_token_id, "right"))
         return score_fn(prompts, query_ids.to(device), query_mask.to(device), response_ids.to(device),
