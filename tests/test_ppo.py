@@ -149,11 +149,12 @@ def test_ppo_end_to_end_writes_the_contracted_outputs(sft_model, tmp_path):
 
 
 def test_ppo_missing_inputs_fail_with_one_line(tmp_path, sft_model):
-    result = run_script("ppo.py", "--sft_model_path", str(tmp_path / "nope"), check=False)
+    result = run_script("ppo.py", "--sft_model_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "a"),
+                        check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "sft.py" in result.stderr
     result = run_script("ppo.py", "--sft_model_path", str(sft_model), "--reward_model_path",
-                        str(tmp_path / "no_rm"), check=False)
+                        str(tmp_path / "no_rm"), "--output_dir", str(tmp_path / "b"), check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "reward_model.py" in result.stderr
 
@@ -171,7 +172,7 @@ def test_ppo_length_reward_moves_length_toward_target(sft_model, tmp_path):
 
 def test_ppo_bad_flags_and_a_dataset_smaller_than_the_batch(sft_model, tmp_path):
     result = run_script("ppo.py", "--sft_model_path", str(sft_model), "--reward", "gold", "--eval_every", "0",
-                        check=False)
+                        "--output_dir", str(tmp_path / "c"), check=False)
     assert result.returncode == 2 and result.stderr.strip() == "error: --eval_every must be positive, got 0"
     # 12 prompts, 6 held out: a batch of 16 takes training prompts several times over
     data = tmp_path / "prompts.jsonl"

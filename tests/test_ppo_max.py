@@ -135,7 +135,7 @@ def flags(sft_model) -> list[str]:
 @pytest.fixture(scope="module")
 def full_run(sft_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("ppo_max") / "full"
-    run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(out), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(out), threads=1)
     return out
 
 
@@ -190,7 +190,7 @@ def test_ppo_max_killed_in_the_warmup_resumes_as_the_uninterrupted_run(sft_model
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
-    result = run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(cut), "--resume", env=env)
+    result = run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(cut), "--resume", threads=1)
     first = next(line for line in result.stdout.splitlines() if line.startswith("step="))
     assert first.split()[0] in ("step=-1", "step=1"), first  # the entry after the checkpoint's step (-2 or -1)
 

@@ -112,7 +112,7 @@ def flags(sft_model) -> list[str]:
 @pytest.fixture(scope="module")
 def full_run(sft_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("rcfd") / "full"
-    run_script("rcfd.py", *flags(sft_model), "--output_dir", str(out), env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_script("rcfd.py", *flags(sft_model), "--output_dir", str(out), threads=1)
     return out
 
 
@@ -157,7 +157,7 @@ def test_rcfd_killed_and_resumed_ends_as_the_uninterrupted_run(sft_model, full_r
     assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
     loop = torch.load(cut / "checkpoint.pt", weights_only=False)["loop"]
     assert len(loop["demo_cache"]) >= 16 and loop["step"] < 4
-    run_script("rcfd.py", *flags(sft_model), "--output_dir", str(cut), "--resume", env=env)
+    run_script("rcfd.py", *flags(sft_model), "--output_dir", str(cut), "--resume", threads=1)
 
     full, resumed = (json.loads((d / "summary.json").read_text()) for d in (full_run, cut))
     assert without_wall_clock(resumed) == without_wall_clock(full)

@@ -91,7 +91,7 @@ def test_kill_9_then_resume_ends_as_the_uninterrupted_run(sft_model, reward_mode
              "--batch_size", "16", "--eval_rows", "16", "--eval_every", "2", "--save_every", "1",
              "--max_new_tokens", "16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run_script("ppo.py", *flags, "--output_dir", str(tmp_path / "full"), env=env)
+    run_script("ppo.py", *flags, "--output_dir", str(tmp_path / "full"), threads=1)
     cut = tmp_path / "cut"
     process = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *flags, "--output_dir", str(cut)], cwd=ROOT,
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,7 +101,7 @@ def test_kill_9_then_resume_ends_as_the_uninterrupted_run(sft_model, reward_mode
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
-    run_script("ppo.py", *flags, "--output_dir", str(cut), "--resume", env=env)
+    run_script("ppo.py", *flags, "--output_dir", str(cut), "--resume", threads=1)
 
     full, resumed = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", cut))
     assert without_wall_clock(resumed) == without_wall_clock(full)
