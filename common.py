@@ -281,6 +281,9 @@ NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "re
 def _load_splits(name: str, config: str | None):
     """A DatasetDict from a save_to_disk folder, a .json/.jsonl/.parquet file, or the hub."""
     if os.path.isdir(name):
+        for state in [Path(name, "state.json"), *Path(name).glob("*/state.json")]:  # datasets fails on these vaguely
+            if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+                fail(f"dataset {name} has an empty {state.parent.name if state.parent != Path(name) else 'train'!r} split")
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     if not name.endswith((".json", ".jsonl", ".parquet")):

@@ -543,9 +543,13 @@ def test_an_empty_split_exits_2_with_one_line(tok, tmp_path: Path, capsys, monke
     rows = Dataset.from_list([{"prompt": "it was", "completion": "good ."}] * 3)
     empty = Dataset.from_dict({"prompt": [], "completion": []})
     DatasetDict(train=rows, test=empty).save_to_disk(str(tmp_path / "data"))
-    with pytest.raises(SystemExit) as exit_info:  # datasets itself cannot read an empty split back
+    with pytest.raises(SystemExit) as exit_info:  # a save_to_disk folder: found before datasets fails on it
         common.load_data(str(tmp_path / "data"), "sft", tok)
-    assert f"cannot load dataset {tmp_path / 'data'}" in one_line_error(exit_info, capsys)
+    assert one_line_error(exit_info, capsys).strip() == f"error: dataset {tmp_path / 'data'} has an empty 'test' split"
+    empty.save_to_disk(str(tmp_path / "none"))  # a single Dataset, empty: the train split
+    with pytest.raises(SystemExit) as exit_info:
+        common.load_data(str(tmp_path / "none"), "sft", tok)
+    assert "has an empty 'train' split" in one_line_error(exit_info, capsys)
     monkeypatch.setattr(common, "_load_splits", lambda name, config: DatasetDict(train=rows, test=empty))
     with pytest.raises(SystemExit) as exit_info:  # an empty split from the hub
         common.load_data("org/data", "sft", tok)
