@@ -22,7 +22,6 @@ import numpy as np
 import tokenizers
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
@@ -415,9 +414,10 @@ def forward(model, ids: torch.Tensor, mask: torch.Tensor):
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(label) under softmax(logits / temperature). logits (B, T, V), labels (B, T) -> (B, T)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    """log pi(label) under softmax(logits / temperature): the label's logit minus the logsumexp, which never
+    holds a second (B, T, V) tensor of log-probs. logits (B, T, V), labels (B, T) -> (B, T)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
