@@ -49,7 +49,9 @@ def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...
 
 
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
-_resume_hint = ""  # what Ctrl-C prints: where the last checkpoint is
+SEED_STRIDE = 100003  # N+ detail: rank r seeds its RNGs with seed + r * SEED_STRIDE
+_interrupt_note = ""  # what Ctrl-C prints: where the last checkpoint is and how to resume
+_resume_command = ""
 
 
 def setup(args) -> tuple[torch.device, int, int]:
@@ -58,14 +60,29 @@ def setup(args) -> tuple[torch.device, int, int]:
     out = Path(args.output_dir)
     holds_run = any((out / f).exists() for f in RUN_FILES)
     if args.resume and not (out / "checkpoint.pt").exists():
-        fail(f"--resume: {out} holds no checkpoint; start anew with --overwrite")
+        fail(f"--resume: {out} holds a finished run" if (out / "summary.json").exists() else
+             f"--resume: {out} holds no checkpoint; start anew with --overwrite")
+    if args.resume and (out / "args.json").exists():  # a run folder holds one run: the same flags throughout
+        saved = json.loads((out / "args.json").read_text())
+        free = ("resume", "overwrite", "output_dir", "save_every", "track", "device", "world_size")
+        now = json.loads(json.dumps(asdict(args)))  # as args.json holds them (tuples as lists)
+        if changed := [k for k, v in now.items() if k not in free and k in saved and saved[k] != v]:
+            fail(f"--resume continues a run with its own flags, but --{changed[0]} differs: {saved[changed[0]]!r} "
+                 f"in {out / 'args.json'}")
     if holds_run and not (args.resume or args.overwrite):
         fail(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
     if out.is_dir() and not holds_run and any(not p.name.startswith(".") for p in out.iterdir()):
         fail(f"{out} holds files that are not a run: choose another --output_dir")
-    parent = next(p for p in (out, *out.parents) if p.exists())  # the folder is made when the run first writes
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"cannot write to --output_dir {out}: {parent} is not a writable folder")
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:  # try a write (os.access trusts root), and leave no trace until the run first writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f".write-test-{os.getpid()}").touch()
+        (out / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        fail(f"cannot write to --output_dir {out}: {e.strerror}")
+    finally:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     if device not in ("cpu", "cuda"):
         fail(f"--device {args.device}: use auto, cpu or cuda")
@@ -77,17 +94,18 @@ def setup(args) -> tuple[torch.device, int, int]:
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
-    transformers.set_seed(args.seed + rank * 100003)
-    global _resume_hint
-    command = " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
-    _resume_hint = f"resume with: python {command}"
+    transformers.set_seed(args.seed + rank * SEED_STRIDE)
+    global _interrupt_note, _resume_command
+    _resume_command = "python " + " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
+    _interrupt_note = (f"resume with: {_resume_command}" if args.resume else
+                       "no checkpoint was written yet: rerun with --overwrite")
     signal.signal(signal.SIGINT, _interrupted)
     return torch.device(device), rank, world_size
 
 
 def _interrupted(*_) -> NoReturn:
     if rank() == 0:
-        print(f"\ninterrupted: {_resume_hint}", file=sys.stderr)
+        print(f"\ninterrupted: {_interrupt_note}", file=sys.stderr)
     sys.exit(130)
 
 
@@ -506,6 +524,11 @@ def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_id
     return response_mask.sum(-1) - stopped.any(-1).long()
 
 
+def length_reward(n_tokens: torch.Tensor, target: int) -> torch.Tensor:
+    """Golden length reward 1 - |n/N - 1| (Fan et al. 2023; Singhal et al. 2023's LPPO)."""
+    return 1.0 - (n_tokens.float() / target - 1.0).abs()
+
+
 def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
     """Text of each response (B, R) up to its stop token (stop_ids), which is left out. Other special tokens stay
     visible (a `<pad>` sampled mid-response, say), so that the toy gold reward sees them as malformed."""
@@ -660,8 +683,8 @@ class Run:
             torch.save({name: unwrap(obj).state_dict() for name, obj in self.state.items()} |
                        {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()}, tmp)
             os.replace(tmp, self.checkpoint)
-        global _resume_hint
-        _resume_hint = f"the last checkpoint (step {step}) is {self.checkpoint}; " + _resume_hint.split("; ")[-1]
+        global _interrupt_note
+        _interrupt_note = f"the last checkpoint (step {step}) is {self.checkpoint}; resume with: {_resume_command}"
 
     def finish(self, model, tokenizer, summary: dict, **samples: list[dict]) -> None:
         """Save the model and tokenizer (via a temporary folder: a kill never leaves half a model), each list of
@@ -808,11 +831,6 @@ def gold_metrics(samples: list[dict]) -> dict:
     return {k: sum(s[k] for s in samples) / len(samples) for k in ("gold", "well_formed")}
 
 
-def length_reward(n_tokens: torch.Tensor, target: int) -> torch.Tensor:
-    """Golden length reward 1 - |n/N - 1| (Fan et al. 2023; Singhal et al. 2023's LPPO)."""
-    return 1.0 - (n_tokens.float() / target - 1.0).abs()
-
-
 def toy_tokenizer():
     """Word-level tokenizer over the toy vocabulary, as a transformers fast tokenizer that prepends <bos>."""
     vocab = {w: i for i, w in enumerate([PAD, BOS, EOS, UNK] + TOY_WORDS)}
@@ -835,7 +853,7 @@ def toy_model(tokenizer, kind: str = "causal"):
     # seeded from the run's seed, not the RNG's state, so that a run's policy and reference start equal
     # (setup() gave each rank seed + rank * 100003: the run's seed is the same on every rank)
     with torch.random.fork_rng():
-        torch.manual_seed(torch.initial_seed() - rank() * 100003)
+        torch.manual_seed(torch.initial_seed() - rank() * SEED_STRIDE)
         return auto.from_config(config)
 
 

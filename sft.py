@@ -93,7 +93,7 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_loss(model, examples, pad_id, batch_size, device) -> float:
-    """Mean completion loss per token over held-out examples (this process's share of them)."""
+    """Mean completion loss per token over held-out examples (each process holds a share of them)."""
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         ids, mask, labels = (t.to(device) for t in collate(examples[i:i + batch_size], pad_id))
@@ -101,7 +101,8 @@ def eval_loss(model, examples, pad_id, batch_size, device) -> float:
         total += torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels[:, 1:], ignore_index=-100,
                                                    reduction="sum").item()
         count += (labels[:, 1:] != -100).sum().item()
-    return total / max(count, 1)
+    total, count = common.all_mean(torch.tensor([total, count], dtype=torch.float64)).tolist()  # over all processes
+    return total / max(count, 1e-8)
 
 
 if __name__ == "__main__":
@@ -117,6 +118,9 @@ if __name__ == "__main__":
                                              args.eval_rows, args.max_train_rows)
     model = common.load_model(args.model_name_or_path, tokenizer).to(device)
     max_length = min(args.max_length, common.max_positions(model))
+    # the final samples: prompts cut from the left so that prompt + response fit the model's positions
+    test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows],
+                                         common.max_positions(model) - args.max_new_tokens)
     train, test = tokenize(train_rows, tokenizer, max_length), tokenize(test_rows, tokenizer, max_length)
     if len(train) < world_size:
         common.fail(f"{len(train)} training examples cannot be shared by {world_size} processes")
@@ -129,8 +133,9 @@ if __name__ == "__main__":
     rng, order, start = random.Random(args.seed), [], 1  # the loop's state, fresh or resumed
     if run.resumed:
         rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1
-    print(f"{len(train)} training examples, {num_steps} steps, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
+    if run.main:
+        print(f"{len(train)} training examples, {num_steps} steps, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
 
     # ---- training: next-token loss on completion tokens ----
     test_shard = test[rank::world_size]
@@ -157,10 +162,8 @@ if __name__ == "__main__":
             run.save(step, rng=rng, order=order)
 
     # ---- evaluation: held-out loss, and sampled completions scored by the toy gold reward ----
-    summary = {"eval_loss": common.all_mean(torch.tensor(
-        eval_loss(model, test_shard, tokenizer.pad_token_id, args.batch_size, device))).item()}
-    queries, query_mask = common.pad([common.encode_prompt(tokenizer, r["prompt"]) for r in test_rows],
-                                     tokenizer.pad_token_id, side="left")
+    summary = {"eval_loss": eval_loss(model, test_shard, tokenizer.pad_token_id, args.batch_size, device)}
+    queries, query_mask = common.pad(test_queries, tokenizer.pad_token_id, side="left")
     with common.autocast(device):
         responses, response_mask, ended, _ = common.generate(model, queries.to(device), query_mask.to(device),
                                                              tokenizer, args.max_new_tokens)

@@ -52,7 +52,7 @@ def test_an_output_dir_that_holds_a_run_is_refused(sft_model, tmp_path, capsys):
     assert run_main("sft.py", "--output_dir", str(tmp_path)) == 2
     assert "holds files that are not a run" in capsys.readouterr().err
     assert run_main("sft.py", "--output_dir", str(tmp_path / "notes.txt" / "run")) == 2
-    assert "is not a writable folder" in capsys.readouterr().err
+    assert "cannot write to --output_dir" in capsys.readouterr().err
     assert run_main("sft.py", "--resume", "--output_dir", str(tmp_path / "fresh")) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
 
@@ -127,3 +127,15 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
     assert lines[0].startswith("interrupted: the last checkpoint (step ") and f"{out / 'checkpoint.pt'}" in lines[0]
     assert lines[0].endswith(f"resume with: python {ROOT / 'sft.py'} --max_train_rows 512 --num_epochs 100 --eval_rows 16 "
                              f"--eval_every 1 --save_every 1 --output_dir {out} --resume")
+
+
+def test_resume_keeps_the_run_s_own_flags_and_knows_a_finished_run(sft_model, tmp_path, capsys):
+    assert run_main("sft.py", "--resume", "--output_dir", str(sft_model)) == 2  # finished, no checkpoint left
+    assert capsys.readouterr().err.strip() == f"error: --resume: {sft_model} holds a finished run"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text((sft_model / "args.json").read_text())
+    (run / "checkpoint.pt").write_bytes(b"")  # setup() reads args.json only: the checkpoint is loaded later
+    assert run_main("sft.py", "--resume", "--output_dir", str(run), "--num_epochs", "7") == 2
+    assert capsys.readouterr().err.strip() == (f"error: --resume continues a run with its own flags, but --num_epochs "
+                                               f"differs: 1 in {run / 'args.json'}")
