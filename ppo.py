@@ -209,9 +209,11 @@ if __name__ == "__main__":
                       nonnegative=("kl_coef", "gamma", "lam", "vf_coef", "length_penalty"))
     device, rank, world_size = common.setup(args)
     num_iterations = args.total_episodes // args.batch_size
-    if num_iterations < 1 or args.batch_size % (world_size * args.num_mini_batches):
-        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}, which "
-                    f"must be divisible by {world_size} processes x --num_mini_batches {args.num_mini_batches}")
+    if num_iterations < 1:
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}")
+    if args.batch_size % (world_size * args.num_mini_batches):
+        common.fail(f"--batch_size {args.batch_size} must be divisible by {world_size} processes x "
+                    f"--num_mini_batches {args.num_mini_batches}")
     local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
     minibatch_size = local_batch_size // args.num_mini_batches
     toy = args.dataset_name == common.TOY

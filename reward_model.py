@@ -152,7 +152,7 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
         if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
             examples.append({**row, "chosen_ids": prompt + chosen, "rejected_ids": prompt + rejected,
                              "chosen_len": len(chosen) - 1, "rejected_len": len(rejected) - 1})
-    if len(examples) < len(rows):
+    if len(examples) < len(rows) and common.rank() == 0:
         print(f"note: {len(rows) - len(examples)} of {len(rows)} preference pairs are longer than {max_length} "
               "tokens: left out")
     if not examples:
@@ -284,8 +284,9 @@ if __name__ == "__main__":
     if run.resumed:
         rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1
     pad_id = tokenizer.pad_token_id
-    print(f"{len(train)} training pairs, {len(test)} held-out, {num_steps} steps, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
+    if common.rank() == 0:
+        print(f"{len(train)} training pairs, {len(test)} held-out, {num_steps} steps, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
 
     # ---- training: Bradley-Terry loss on (chosen, rejected) pairs ----
     for step in common.progress(range(start, num_steps + 1), desc="reward model", initial=start - 1, total=num_steps):

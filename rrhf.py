@@ -258,9 +258,11 @@ if __name__ == "__main__":
     rng, order, pending, initial, start = random.Random(args.seed), [], [], None, 1
     if run.resumed:
         rng, order, pending, initial, start = (run.resumed[k] for k in ("rng", "order", "pending", "initial", "step"))
+        pending = pending[rank]  # each process's own sampled candidates
         start += 1
-    print(f"{num_steps} steps of {args.queries_per_step} queries, sources {', '.join(sources)}, "
-          f"{num_models} model(s) in memory, on {device} x {world_size}")
+    if common.rank() == 0:
+        print(f"{num_steps} steps of {args.queries_per_step} queries, sources {', '.join(sources)}, "
+              f"{num_models} model(s) in memory, on {device} x {world_size}")
 
     @torch.no_grad()
     def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
@@ -387,7 +389,7 @@ if __name__ == "__main__":
             metrics |= {"gold/reward": gold["gold"], "gold/well_formed": gold["well_formed"]}
         run.log(metrics, step)
         if step % args.save_every == 0 and step < num_steps:
-            run.save(step, rng=rng, order=order, pending=pending, initial=initial)
+            run.save(step, rng=rng, order=order, pending=common.gather([pending]), initial=initial)
 
     # ---- 5. evaluation on held-out prompts, with the same keys as ppo.py, and saving ----
     if ref_policy is None:  # the KL to the initial model needs it, though training did not

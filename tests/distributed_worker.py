@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
 import ppo
+import ppo_max
+import rcfd
 import reward_model
 import sft
 
@@ -82,6 +84,16 @@ def results() -> dict:
     out["whiten"] = common.gather(ppo.masked_whiten(advantages, response_mask))
     out["whiten_rewards"] = common.gather(ppo.masked_whiten(returns, response_mask, shift_mean=False))
     out["masked_mean"] = common.all_mean(common.masked_mean(old_logprobs, response_mask))
+    # ppo_max.py's running score moments, fed every process's scores; rcfd.py's batch whitening (its baseline);
+    # reward_model.py's accuracy on the gathered margins
+    moments = ppo_max.RunningMoments()
+    for batch in torch.randn(3, 8, generator=g):
+        moments.update(common.gather(shard(batch)))
+    out["moments"] = torch.tensor([moments.mean, moments.std, moments.count], dtype=torch.float64)
+    rewards = torch.randn(8, 2, generator=g)
+    out["rcfd_whiten"] = common.gather(rcfd.whiten(shard(rewards)))
+    margins = torch.randn(8, generator=g)
+    out["accuracy"] = torch.tensor(reward_model.pairwise_accuracy(common.gather(shard(margins))))
     return out
 
 

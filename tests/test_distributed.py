@@ -31,6 +31,9 @@ def test_two_ranks_with_half_a_batch_equal_one_process_with_all_of_it(tmp_path):
     for key in ("whiten", "whiten_rewards"):
         torch.testing.assert_close(two[key], one[key][order], rtol=0, atol=1e-5)
     torch.testing.assert_close(two["masked_mean"], one["masked_mean"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(two["rcfd_whiten"], one["rcfd_whiten"][order], rtol=0, atol=1e-5)
+    for key in ("moments", "accuracy"):  # the gathered batch is a permutation: same mean, std, count, accuracy
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-9)
 
 
 def test_ppo_under_torchrun_reaches_the_length_target_and_writes_one_folder(sft_model, tmp_path):
