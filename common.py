@@ -140,7 +140,7 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of x where mask is 1. Each rank divides its sum by the mean count over ranks, so that the mean over
     ranks of this value (what DDP does to gradients, all_mean to statistics) is the mean over all entries."""
-    return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1 / world_size())
+    return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
 
 
 def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -322,6 +322,12 @@ if __name__ == "__main__":
     policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
     # prompts are cut from the left so that prompt + response fit the model's positions
     max_prompt_tokens = common.max_positions(policy) - args.max_new_tokens
+    if args.ptx_coef:  # PPO-max: only the demonstrations that fit the model's positions, a minibatch at least
+        sft_rows = [r for r in sft_rows if len(common.encode_prompt(tokenizer, r["prompt"])) + len(common.encode_completion(
+            tokenizer, r["completion"], prompt=r["prompt"])) <= common.max_positions(policy)]
+        if len(sft_rows) < minibatch_size * world_size:
+            common.fail(f"--ptx_coef needs {minibatch_size * world_size} demonstrations that fit the model, "
+                        f"{args.dataset_name} has {len(sft_rows)}")
     train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
     test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
     ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)

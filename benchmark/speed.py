@@ -87,6 +87,7 @@ def _response_stats(torch, responses, eos_id: int) -> tuple[int, float]:
 def trl_driver(cfg: dict) -> None:
     """TRL's PPOTrainer on the given models and prompts (run by the TRL environment's python)."""
     os.environ["ACCELERATE_MIXED_PRECISION"] = "no"  # precision: the autocast below, as ppo.py
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"  # TRL 1.x keeps PPOTrainer in trl.experimental.ppo
     if cfg["device"] == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"
     import datasets
@@ -399,25 +400,32 @@ def models(args, work: Path) -> tuple[str, str]:
         return args.sft_model_path, args.reward_model_path
     folder = work / f"models-{args.config}-{args.device}{'-quick' if args.quick else ''}"
     sft, rm = args.sft_model_path or str(folder / "sft"), args.reward_model_path or str(folder / "reward_model")
-    common = ["--device", args.device, "--overwrite"]
+    flags = ["--device", args.device, "--overwrite"]
     sft_args, rm_args = [], []
     if args.config != "toy":  # settings of benchmark/gpu_smoke.sh for a real-sized model
         sft_args = ["--num_epochs", "2", "--learning_rate", "5e-4"]
         rm_args = ["--num_epochs", "1", "--learning_rate", "1e-4"]
-    if args.quick:
-        sft_args, rm_args = (["--num_epochs", "1", "--max_train_rows", "1000"] + sft_args[4:],
-                             ["--num_epochs", "1", "--max_train_rows", "1000"] + rm_args[4:])
+    if args.quick:  # toy: 2 of SFT's 6 epochs, 1 of the reward model's 2; the 160m configs: 1000 rows, 1 epoch
+        rows = ["--max_train_rows", "1000"] if args.config != "toy" else []
+        sft_args = ["--num_epochs", "1" if rows else "2", *rows, *sft_args[2:]]
+        rm_args = ["--num_epochs", "1", *rows, *rm_args[2:]]
     folder.mkdir(parents=True, exist_ok=True)
-    if not args.sft_model_path and not (folder / "sft" / "summary.json").exists():
+    recipe = json.dumps({"sft": sft_args, "reward_model": rm_args})
+    if not (folder / "recipe.json").exists() or (folder / "recipe.json").read_text() != recipe:  # made otherwise
+        for name in ("sft", "reward_model"):
+            (folder / name / "summary.json").unlink(missing_ok=True)
+    (folder / "recipe.json").write_text(recipe)
+    made_sft = not args.sft_model_path and not (folder / "sft" / "summary.json").exists()
+    if made_sft:
         base = "toy"
         if args.config != "toy":
             driver(sys.executable, "_base", {"config": args.config, "out": str(folder / "base")}, folder,
                    folder / "base.log")
             base = str(folder / "base")
-        run([sys.executable, "sft.py", "--model_name_or_path", base, "--output_dir", sft, *sft_args, *common],
+        run([sys.executable, "sft.py", "--model_name_or_path", base, "--output_dir", sft, *sft_args, *flags],
             folder / "sft.log")
-    if not args.reward_model_path and not (folder / "reward_model" / "summary.json").exists():
-        run([sys.executable, "reward_model.py", "--model_name_or_path", sft, "--output_dir", rm, *rm_args, *common],
+    if not args.reward_model_path and (made_sft or not (folder / "reward_model" / "summary.json").exists()):
+        run([sys.executable, "reward_model.py", "--model_name_or_path", sft, "--output_dir", rm, *rm_args, *flags],
             folder / "reward_model.log")
     return sft, rm
 
@@ -540,7 +548,7 @@ def main() -> None:
         if Path(trl_python).exists() or args.trl_python else None
     if probe is None or probe.returncode:
         sys.exit(f"no TRL at {trl_python}: run with --setup_trl (or pass --trl_python)")
-    info = {"trl_versions": json.loads(probe.stdout), "load": Path("/proc/loadavg").read_text().strip(),
+    info = {"trl_versions": json.loads(probe.stdout), "load": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
             "machine": machine(args.device), "date": time.strftime("%Y-%m-%d"),
             "command": shlex.join(["python", "benchmark/speed.py", *sys.argv[1:]]),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
