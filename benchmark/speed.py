@@ -7,17 +7,19 @@ top_k 0, top_p 1; fp32 on a CPU, bf16 autocast with fp32 weights on CUDA (ppo.py
 train() under the same autocast). One process at a time, alternately (TRL first in odd rounds, ppo.py first in even
 ones), for --rounds rounds of --updates updates each.
 
-- TRL: trl.experimental.ppo.PPOTrainer of TRL 1.9.0 (the last release with PPO) with transformers 5.23.0, in its own
+- TRL: trl.experimental.ppo.PPOTrainer of TRL 1.9.0 (the release SPEC.md names) with transformers 5.23.0, in its own
   virtual environment (--setup_trl makes it; TRL is never a requirement of minrlhf). This file is its driver too
   (`_trl`, run by that environment's python): it times each update between TrainerCallback.on_step_end calls, and
   each phase by wrapping the trainer module's batch_generation (generation) and forward (the first forward with
   gradients starts training; between the two: reference, value and reward passes, GAE: "scoring").
-- ppo.py: the script as it is, its time per update and per phase read from metrics.jsonl, its peak memory from
-  summary.json (both include its own evaluations before and after training, run with eval_every/save_every off).
-- floor: the same model passes with no bookkeeping (`_floor`): generate 64 x up to 48 tokens from the SFT policy
-  (KV cache, stopping at EOS), log-probs from the generation's logits; reference, value and reward forwards; 8
-  minibatch forward+backward passes of policy and value with AdamW steps at learning rate 0 (the policy stays the
-  SFT policy, so its responses keep the SFT length; the PPO runs' lengths are in the table).
+- ppo.py: the script as it is (eval_every and save_every off), its time per update and per phase read from
+  metrics.jsonl, its peak memory from summary.json (which covers its evaluations before and after training too).
+- floor: the same model passes with no bookkeeping (`_floor`): generate 64 x 48 tokens from the SFT policy (KV
+  cache; EOS held back until the 48th token, so that every update has the same, largest shape: a policy's own
+  lengths would set it otherwise), log-probs from the generation's logits; reference, value and reward forwards; 8
+  minibatch forward+backward passes of policy and value, AdamW steps at learning rate 0. Its batches are as wide as
+  the PPO runs' can get (48 response tokens); a run whose batches end earlier can come in under it (the TRL
+  driver's mean batch width is in the table's note).
 
 Seconds per update: the wall time from one update's end to the next (everything the loop does, logging included),
 the median over updates 2..N of a run (update 1 pays for warm-up), then the median over rounds with the range of the
@@ -32,8 +34,12 @@ by the toy gold reward and the reward model.
     python benchmark/speed.py --write                        # 4 rounds x 30 updates, table into benchmark/RESULTS.md
     python benchmark/speed.py --device cuda --config 160m --updates 20 --rounds 2 --write   # on one GPU
 
-A GPU machine with no network takes TRL as wheels: here, `python benchmark/speed.py --download_wheels .whl`; there,
-install them into a folder on PYTHONPATH and pass `--trl_python python3` (see --download_wheels's help).
+A GPU machine with no network (python3 with CUDA torch, no datasets/tyro/TRL) takes the missing packages as wheels,
+one environment for both sides; here: `python benchmark/speed.py --download_wheels .whl` (15 MB; .whl/ in
+.git/info/exclude); there:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 benchmark/speed.py --device cuda --config 160m --trl_python python3 --updates 20 --rounds 2
 """
 
 import argparse
@@ -128,6 +134,7 @@ def trl_driver(cfg: dict) -> None:
         current["generation_end"] = _sync(torch)
         current["tokens"], current["length"] = _response_stats(torch, query_responses[:, queries.shape[1]:],
                                                                tokenizer.eos_token_id)
+        current["width"] = query_responses.shape[1] - queries.shape[1]
         return query_responses, logits
 
     def timed_forward(model, query_responses, pad_token_id):
@@ -144,6 +151,7 @@ def trl_driver(cfg: dict) -> None:
         def on_step_end(self, *_, **__):
             now = _sync(torch)
             updates.append({"wall": now - current["start"], "tokens": current["tokens"], "length": current["length"],
+                            "width": current["width"],
                             "generation": current["generation_end"] - current["generation_start"],
                             "scoring": current["training_start"] - current["generation_end"],
                             "training": now - current["training_start"]})
@@ -167,56 +175,66 @@ def trl_driver(cfg: dict) -> None:
 
 
 def floor_driver(cfg: dict) -> None:
-    """The compute floor: the model passes of a PPO update and nothing else (run by the project's python)."""
+    """The compute floor: the model passes of a PPO update and nothing else (run by the project's python). The passes
+    are written out here, so that the floor stays what it is while ppo.py's helpers change."""
     sys.path.insert(0, str(ROOT))
     import torch
     import transformers
 
     import common
 
+    def logprobs(model, ids, mask, context):  # log pi(token) of the response tokens: its logit minus the logsumexp
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        logits = logits[:, context - 1:-1].float()
+        return logits.gather(-1, ids[:, context:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+    def scores(classifier, ids, mask):  # the scalar head at every position (value and reward model)
+        hidden = classifier.base_model(input_ids=ids, attention_mask=mask,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        return classifier.score(hidden).squeeze(-1).float()
+
     s, device = cfg["settings"], torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     tokenizer = common.load_tokenizer(cfg["sft"])
     policy = common.load_model(cfg["sft"], tokenizer).to(device)
     ref_policy = common.load_model(cfg["sft"], tokenizer).to(device).requires_grad_(False)
-    rm_tokenizer = common.load_tokenizer(cfg["reward_model"])
-    reward_model = common.TokenScores(common.load_model(cfg["reward_model"], rm_tokenizer, "score")).to(device)
-    reward_model.requires_grad_(False)
-    value_model = common.TokenScores(common.load_model(cfg["reward_model"], tokenizer, "score")).to(device)
+    reward_model = common.load_model(cfg["reward_model"], tokenizer, "score").to(device).requires_grad_(False)
+    value_model = common.load_model(cfg["reward_model"], tokenizer, "score").to(device)
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=0.0, eps=1e-5,
                                   weight_decay=0.0)  # as ppo.py's, at learning rate 0: the policy stays the SFT one
     prompts = json.loads(Path(cfg["prompts"]).read_text())["train"]
-    config = transformers.GenerationConfig(
+    policy.generation_config = transformers.GenerationConfig(
         max_new_tokens=s["max_new_tokens"], do_sample=True, temperature=s["temperature"], top_k=0, top_p=1.0,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-        output_logits=True)
-    policy.generation_config = config
+        output_logits=True, min_new_tokens=s["max_new_tokens"])  # every update 64 x 48: the largest shape
     n, minibatch = s["batch_size"], s["batch_size"] // s["num_mini_batches"]
     updates = []
     for update in range(cfg["updates"]):
         batch = [prompts[(update * n + i) % len(prompts)] for i in range(n)]
         queries, query_mask = (t.to(device) for t in common.pad(batch, tokenizer.pad_token_id, "left"))
+        context = queries.shape[1]
         t0 = _sync(torch)
         with torch.no_grad(), common.autocast(device):
             out = policy.generate(input_ids=queries, attention_mask=query_mask)
-            responses = out.sequences[:, queries.shape[1]:]
-            response_mask, _ = common.truncate_after_eos(responses, tokenizer.eos_token_id)
-            old_logprobs = common.logprobs_from_logits(torch.stack(out.logits, 1), responses)
+            responses = out.sequences[:, context:]
+            is_eos = (responses == tokenizer.eos_token_id).long()
+            response_mask = (is_eos.cumsum(-1) - is_eos == 0).long()  # up to and including the first EOS
+            logits = torch.stack(out.logits, 1).float()
+            old_logprobs = logits.gather(-1, responses[..., None]).squeeze(-1) - logits.logsumexp(-1)
             tokens, length = _response_stats(torch, responses, tokenizer.eos_token_id)
             t1 = _sync(torch)
-            context = queries.shape[1]
             ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-            common.response_logprobs(ref_policy, ids, mask, context)
-            value_model(ids, mask)
-            common.last_token_scores(reward_model, ids, mask)
+            logprobs(ref_policy, ids, mask, context)
+            scores(value_model, ids, mask)
+            scores(reward_model, ids, mask)
         t2 = _sync(torch)
         for _ in range(s["num_ppo_epochs"]):
             for mb in torch.randperm(n, device=device).split(minibatch):
                 with common.autocast(device):
-                    logprobs, _ = common.response_logprobs(policy, ids[mb], mask[mb], context)
-                    values = value_model(ids[mb], mask[mb])[:, context - 1:-1]
+                    new_logprobs = logprobs(policy, ids[mb], mask[mb], context)
+                    values = scores(value_model, ids[mb], mask[mb])[:, context - 1:-1]
                 m = response_mask[mb].float()
-                loss = ((logprobs - old_logprobs[mb]).exp() * m).mean() + (values.float() ** 2 * m).mean()
+                loss = ((new_logprobs - old_logprobs[mb]).exp() * m).mean() + (values ** 2 * m).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -458,6 +476,9 @@ def summarize(result: dict) -> dict:
     """A run's medians over updates 2..N (all of them if there is one)."""
     kept = result["updates"][1:] or result["updates"]
     row = {k: statistics.median(u[k] for u in kept) for k in ("wall", "generation", "scoring", "training", "length")}
+    row["other"] = statistics.median(u["wall"] - u["generation"] - u["scoring"] - u["training"] for u in kept)
+    if "width" in kept[0]:
+        row["width"] = statistics.mean(u["width"] for u in kept)
     row["tokens_per_s"] = sum(u["tokens"] for u in kept) / sum(u["generation"] for u in kept)
     return row | {"peak_memory_mb": result["peak_memory_mb"], **result.get("eval", {})}
 
@@ -476,14 +497,15 @@ def table(results: dict, info: dict) -> str:
     trl = statistics.median(r["wall"] for r in rows["trl"]) if "trl" in rows else None
     names = {"trl": f"TRL {info['trl_versions'].get('trl', '?')} PPOTrainer", "ppo": "ppo.py",
              "floor": "compute floor (model passes only)"}
-    head = ("| | s/update | ratio to TRL | generation s | scoring s | training s | generated tokens/s | "
+    head = ("| | s/update | ratio to TRL | generation s | scoring s | training s | other s | generated tokens/s | "
             "peak memory MB | final gold | final reward | final KL | response length |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, runs in rows.items():
         col = {k: [r[k] for r in runs if k in r] for k in runs[0]}
         ratio = f"{statistics.median(col['wall']) / trl:.2f}x" if trl else "-"
         lines.append(f"| {names[name]} | {cell(col['wall'])} | {ratio} | {cell(col['generation'])} | "
-                     f"{cell(col['scoring'])} | {cell(col['training'])} | {cell(col['tokens_per_s'], '.0f')} | "
+                     f"{cell(col['scoring'])} | {cell(col['training'])} | {cell(col['other'])} | "
+                     f"{cell(col['tokens_per_s'], '.0f')} | "
                      f"{cell(col['peak_memory_mb'], '.0f')} | {cell(col.get('gold', []))} | "
                      f"{cell(col.get('reward', []))} | {cell(col.get('kl', []))} | {cell(col['length'], '.1f')} |")
     return "\n".join(lines)
@@ -492,6 +514,8 @@ def table(results: dict, info: dict) -> str:
 def report(results: dict, info: dict, args) -> str:
     v = info["trl_versions"]
     precision = "fp32" if args.device == "cpu" else "bf16 autocast with fp32 weights (both)"
+    widths = [u["width"] for r in results["trl"] for u in r["updates"][1:] or r["updates"]]
+    widths = f"{statistics.mean(widths):.1f}" if widths else "?"
     measured = (
         f"Measured {info['date']} at commit {info['commit']} on {info['machine']}; load average at start: "
         f"`{info['load']}`; 1-minute load before each run: {info['loads_before_runs']}. ppo.py: torch "
@@ -503,9 +527,11 @@ def report(results: dict, info: dict, args) -> str:
         "prompts per update, at most 48 new tokens, 4 PPO epochs x 2 minibatches of 32, learning rate "
         f"{args.learning_rate:g} (linear decay), KL coefficient 0.05, missing-EOS penalty -1, temperature 1, "
         f"{precision}. Seconds per update: the median over updates 2..N of the wall time between updates (logging "
-        "included), then the median (and range) over rounds; the phases likewise. Final gold and reward: each final "
-        "policy sampled again on 128 held-out prompts by the same code. The floor's policy does not change (AdamW "
-        "at learning rate 0), so its responses keep the SFT length. Left as each implementation has it: TRL clips "
+        "included), then the median (and range) over rounds; the phases likewise (other: the rest of the wall "
+        "time, e.g. TRL's gc.collect() and ppo.py's logging). Final gold and reward: each final "
+        "policy sampled again on 128 held-out prompts by the same code. The floor always generates 48 tokens (EOS "
+        "held back), the largest batch the runs can have: a run whose batches end earlier can beat it (TRL's "
+        f"batches held {widths} response tokens on average). Left as each implementation has it: TRL clips "
         "no gradients (ppo.py: norm 1) and subtracts the missing-EOS penalty from the score (ppo.py sets the score "
         "to it); TRL shuffles the prompts with its own sampler. Per-run numbers: `results.json` in the work folder; "
         "`benchmark/speed.py --help` says how each column is measured.")
