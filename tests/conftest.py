@@ -2,15 +2,18 @@
 
 import contextlib
 import io
+import json
 import os
 import runpy
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,6 +42,34 @@ def run_script(script: str, *args: str, check: bool = True, env: dict | None = N
     if check and result.returncode != 0:
         pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def kill_9_after(script: str, *args: str, out: Path, lines: int) -> None:
+    """Run `python <script> <args> --output_dir <out>` on one thread and kill -9 it once its metrics.jsonl has
+    `lines` lines; fail the test if it ended first."""
+    process = subprocess.Popen([sys.executable, str(ROOT / script), *args, "--output_dir", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    metrics = out / "metrics.jsonl"
+    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < lines):
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists(), "the run ended before it could be killed"
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same run, bit for bit: summary (but its wall-clock fields), metrics (but
+    timings) and model weights."""
+    summaries = [{k: v for k, v in json.loads((d / "summary.json").read_text()).items()
+                  if k not in ("wall_time", "peak_memory_mb")} for d in (a, b)]
+    assert summaries[0] == summaries[1]
+    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
+              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert lines[0] == lines[1]
+    weights = [load_file(d / "model.safetensors") for d in (a, b)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def run_main(script: str, *args: str) -> int:

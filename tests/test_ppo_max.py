@@ -5,17 +5,11 @@ ends as the uninterrupted one."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_main, run_script
-from safetensors.torch import load_file
+from conftest import assert_same_run, kill_9_after, run_main, run_script
 
 import common
 import ppo_max
@@ -172,33 +166,14 @@ def test_ppo_max_end_to_end_warmup_freezes_policy_and_monitors_are_logged(full_r
     assert (out / "args.json").exists() and (out / "config.json").exists()
 
 
-def without_wall_clock(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("wall_time", "peak_memory_mb")}
-
-
 def test_ppo_max_killed_in_the_warmup_resumes_as_the_uninterrupted_run(sft_model, full_run, tmp_path):
     """kill -9 once the warm-up has begun (a checkpoint at step -2, maybe -1), then --resume: the
     running score moments, the RNGs and the step after the checkpoint's come back."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     cut = tmp_path / "cut"
-    process = subprocess.Popen([sys.executable, str(ROOT / "ppo_max.py"), *flags(sft_model), "--output_dir", str(cut)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = cut / "metrics.jsonl"
     # 3 lines: the initial evaluation, steps -2 and -1; step -2's checkpoint was written before step -1's line
-    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 3):
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
+    kill_9_after("ppo_max.py", *flags(sft_model), out=cut, lines=3)
     result = run_script("ppo_max.py", *flags(sft_model), "--output_dir", str(cut), "--resume", threads=1)
     first = next(line for line in result.stdout.splitlines() if line.startswith("step="))
     assert first.split()[0] in ("step=-1", "step=1"), first  # the entry after the checkpoint's step (-2 or -1)
 
-    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (full_run, cut))
-    assert without_wall_clock(resumed) == without_wall_clock(full)
-    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
-              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full_run, cut)]
-    assert lines[0] == lines[1]
-    weights = [load_file(d / "model.safetensors") for d in (full_run, cut)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert_same_run(full_run, cut)

@@ -4,16 +4,10 @@ resumed that ends as the uninterrupted one."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT, run_main, run_script
-from safetensors.torch import load_file
+from conftest import assert_same_run, kill_9_after, run_main, run_script
 
 import rcfd
 
@@ -138,34 +132,16 @@ def test_rcfd_end_to_end_writes_the_contracted_outputs(full_run):
     assert (out / "args.json").exists() and (out / "config.json").exists()
 
 
-def without_wall_clock(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("wall_time", "peak_memory_mb")}
-
-
 def test_rcfd_killed_and_resumed_ends_as_the_uninterrupted_run(sft_model, full_run, tmp_path):
     """kill -9 mid-run, then --resume: the demonstrations' cached rewards come back with the checkpoint."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     cut = tmp_path / "cut"
-    process = subprocess.Popen([sys.executable, str(ROOT / "rcfd.py"), *flags(sft_model), "--output_dir", str(cut)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = cut / "metrics.jsonl"
     # 3 lines: the initial evaluation, steps 1 and 2; step 1's checkpoint was written before step 2's line
-    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 3):
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
+    kill_9_after("rcfd.py", *flags(sft_model), out=cut, lines=3)
     loop = torch.load(cut / "checkpoint.pt", weights_only=False)["loop"]
     assert len(loop["demo_cache"]) >= 16 and loop["step"] < 4
     run_script("rcfd.py", *flags(sft_model), "--output_dir", str(cut), "--resume", threads=1)
 
-    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (full_run, cut))
-    assert without_wall_clock(resumed) == without_wall_clock(full)
-    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
-              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full_run, cut)]
-    assert lines[0] == lines[1]
-    weights = [load_file(d / "model.safetensors") for d in (full_run, cut)]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert_same_run(full_run, cut)
 
 
 @pytest.mark.parametrize("flags, says", [

@@ -1,8 +1,6 @@
 """Runs you can trust: bad flags refused before any work, no silent overwrite, checkpoints that
 resume bit for bit after kill -9, the divergence guard, the context-length rule."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,8 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, run_main, run_script
-from safetensors.torch import load_file
+from conftest import ROOT, assert_same_run, kill_9_after, run_main, run_script
 
 SCRIPTS = ["sft.py", "reward_model.py", "ppo.py", "ppo_max.py", "rrhf.py", "rcfd.py"]
 
@@ -80,37 +77,16 @@ def test_context_length_rule(sft_model, tmp_path, capsys):
     assert not (tmp_path / "sft").exists()
 
 
-def without_wall_clock(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k not in ("wall_time", "peak_memory_mb")}
-
-
 def test_kill_9_then_resume_ends_as_the_uninterrupted_run(sft_model, reward_model, tmp_path):
     """The checkpoint contract: killed at any moment (here mid-run, possibly mid-save) and resumed,
     a run ends with the same summary, metrics and weights as the run that was never stopped."""
     flags = ["--sft_model_path", str(sft_model), "--reward_model_path", str(reward_model), "--total_episodes", "96",
              "--batch_size", "16", "--eval_rows", "16", "--eval_every", "2", "--save_every", "1",
              "--max_new_tokens", "16"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     run_script("ppo.py", *flags, "--output_dir", str(tmp_path / "full"), threads=1)
-    cut = tmp_path / "cut"
-    process = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *flags, "--output_dir", str(cut)], cwd=ROOT,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = cut / "metrics.jsonl"
-    while process.poll() is None and (not metrics.exists() or metrics.read_text().count("\n") < 4):
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
-    run_script("ppo.py", *flags, "--output_dir", str(cut), "--resume", threads=1)
-
-    full, resumed = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", cut))
-    assert without_wall_clock(resumed) == without_wall_clock(full)
-    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
-              for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path / "full", cut)]
-    assert lines[0] == lines[1]
-    weights = [load_file(d / "model.safetensors") for d in (tmp_path / "full", cut)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    kill_9_after("ppo.py", *flags, out=tmp_path / "cut", lines=4)
+    run_script("ppo.py", *flags, "--output_dir", str(tmp_path / "cut"), "--resume", threads=1)
+    assert_same_run(tmp_path / "full", tmp_path / "cut")
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
