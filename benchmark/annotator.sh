@@ -1,46 +1,51 @@
 #!/usr/bin/env bash
-# How much of PPO's gain on a learned reward model is true (gold) gain, as a function of the toy
-# annotator P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)): for each (k, c), a reward
-# model from $SFT on the same preference pairs relabeled with that annotator, then ppo.py on it with
-# 50 iterations of 64 responses (seed 1, 128 held-out prompts). About 20 minutes on 2 cores.
+# The annotator sweep: how much of PPO's gain on a learned reward model is true (gold) gain, as a
+# function of the toy annotator P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)) and of the
+# number of preference pairs. For each setting k,c,pairs and seed: a reward model from that seed's SFT
+# model on the pairs relabeled by that annotator, then ppo.py on it, every other flag at its default.
+# The SFT models are the 3-seed pipeline's ($SFTS/sft_s<seed>, trained here if missing, with the same
+# command as pipeline.sh): the annotator changes only the preference labels.
 #
-#     bash benchmark/annotator.sh
-#     python benchmark/report.py table runs/bench/annotator --initial ppo_k2_c0.1 \
-#         --keys gold reward kl length well_formed
+#     bash benchmark/annotator.sh            # about 45 minutes on 2 cores
+#     python benchmark/report.py annotator runs/bench/annotator
 #
-# Runs go to $OUT/rm_k<k>_c<c> and $OUT/ppo_k<k>_c<c>_s1; a run whose summary.json exists is skipped,
-# and an unfinished one is started again (--overwrite).
+# Runs go to $OUT/rm_<setting>_s<seed> and $OUT/ppo_<setting>_s<seed>; a run whose summary.json exists
+# is skipped, and an unfinished one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench/annotator}
-SFT=${SFT:-runs/sft}
+SFTS=${SFTS:-runs/bench/pipeline}
+SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-2}
-SETTINGS=${SETTINGS:-2,0.1 4,0.2 2,0.067 3,0.1 4,0.1 4,0.05}  # k,c pairs; 2,0.1 is the toy world
+SETTINGS=${SETTINGS:-2,0.1,4000 3,0.1,4000 3,0.12,4000 2.5,0.075,4000 3,0.1,8000}  # k,c,pairs
 export OMP_NUM_THREADS=1
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$SFTS"
 
-setting() {  # setting K C: the reward model, then PPO on it
-    local k=$1 c=$2 rm="$OUT/rm_k$1_c$2" ppo="$OUT/ppo_k$1_c$2_s1"
-    [ -f "$rm/summary.json" ] || python benchmark/annotator.py "$k" "$c" reward_model.py \
-        --model_name_or_path "$SFT" --output_dir "$rm" --overwrite > "$rm.log" 2>&1 || { echo "$rm failed: see $rm.log"; return 1; }
-    [ -f "$ppo/summary.json" ] || python ppo.py --sft_model_path "$SFT" --reward_model_path "$rm" \
-        --total_episodes 3200 --output_dir "$ppo" --overwrite > "$ppo.log" 2>&1 || { echo "$ppo failed: see $ppo.log"; return 1; }
-    echo "$(date +%T) done k=$k c=$c"
+for s in $SEEDS; do  # the SFT models first, one per seed, two at a time
+    sft="$SFTS/sft_s$s"
+    [ -f "$sft/summary.json" ] || python sft.py --seed "$s" --output_dir "$sft" --overwrite > "$sft.log" 2>&1 &
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+done
+wait
+
+setting() {  # setting K C PAIRS SEED: the reward model, then PPO on it
+    local name="k$1_c$2_n$3" s=$4
+    local sft="$SFTS/sft_s$s" rm="$OUT/rm_${name}_s$s" ppo="$OUT/ppo_${name}_s$s"
+    [ -f "$sft/summary.json" ] || { echo "$sft failed: see $sft.log"; return 1; }
+    [ -f "$rm/summary.json" ] || python benchmark/annotator.py "$1" "$2" "$3" reward_model.py --seed "$s" \
+        --model_name_or_path "$sft" --output_dir "$rm" --overwrite > "$rm.log" 2>&1 || { echo "$rm failed: see $rm.log"; return 1; }
+    [ -f "$ppo/summary.json" ] || python ppo.py --seed "$s" --sft_model_path "$sft" --reward_model_path "$rm" \
+        --output_dir "$ppo" --overwrite > "$ppo.log" 2>&1 || { echo "$ppo failed: see $ppo.log"; return 1; }
+    echo "$(date +%T) done $name seed $s"
 }
 
 pids=()
-for kc in $SETTINGS; do
-    setting "${kc%,*}" "${kc#*,}" & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+for s in $SEEDS; do
+    for setting in $SETTINGS; do
+        IFS=, read -r k c pairs <<< "$setting"
+        setting "$k" "$c" "$pairs" "$s" & pids+=($!)
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+    done
 done
 for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed setting fails the script
-for kc in $SETTINGS; do  # one line per setting: the reward model's summary, then PPO's
-    python - "$OUT" "${kc%,*}" "${kc#*,}" <<'PY'
-import json, sys
-out, k, c = sys.argv[1:]
-rm = json.load(open(f"{out}/rm_k{k}_c{c}/summary.json"))
-ppo = json.load(open(f"{out}/ppo_k{k}_c{c}_s1/summary.json"))
-print(f"| {k}, {c} | {float(c) / float(k):.3g} | {rm['accuracy']:.2f} ({rm['label_ceiling']:.2f}) | {rm['gold_accuracy']:.2f} "
-      f"| {rm['length_corr']:.2f} | {ppo['gold']:.2f} | {ppo['length']:.1f} | {ppo['well_formed']:.2f} |")
-PY
-done | tee "$OUT/table.md"
+python benchmark/report.py annotator "$OUT" | tee "$OUT/table.md"

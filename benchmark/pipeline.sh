@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The README's results table: every algorithm on the toy world, 3 seeds, about 20 minutes on 2 cores.
-# Each seed trains its own SFT model and reward model (defaults), then PPO, PPO-max, RRHF, RCfD and
-# length-only PPO (--reward length --target_length 30) from them, each with its defaults except an
-# equal budget of $EPISODES sampled responses for the PPO-style methods (RRHF keeps its default
-# budget: 512 prompts with 8 samples of the SFT model each). Runs go to $OUT/<algo>_s<seed>; a run
+# The README's results table: every algorithm on the toy world with every default, 3 seeds, about
+# 50 minutes on 2 cores. Each seed trains its own SFT model and reward model, then PPO, PPO-max, RRHF,
+# RCfD and length-only PPO (--reward length --target_length 30) from them. EPISODES=N gives the
+# PPO-style methods another budget of sampled responses than their default (6,400). Runs go to $OUT/<algo>_s<seed>; a run
 # whose summary.json exists is skipped, so the script resumes where it stopped (an unfinished run is
 # started again: --overwrite).
 #
@@ -18,7 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench/pipeline}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-3}
-EPISODES=${EPISODES:-2560}
+EPISODES=${EPISODES:-}
 export OMP_NUM_THREADS=1
 mkdir -p "$OUT"
 
@@ -36,11 +35,12 @@ seed_pipeline() {
     run "sft_s$s" sft.py --seed "$s"
     run "reward_model_s$s" reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
     local models=(--seed "$s" --sft_model_path "$OUT/sft_s$s" --reward_model_path "$OUT/reward_model_s$s")
-    run "ppo_s$s" ppo.py "${models[@]}" --total_episodes "$EPISODES"
-    run "ppo_max_s$s" ppo_max.py "${models[@]}" --total_episodes "$EPISODES"
+    local budget=(${EPISODES:+--total_episodes "$EPISODES"})
+    run "ppo_s$s" ppo.py "${models[@]}" "${budget[@]}"
+    run "ppo_max_s$s" ppo_max.py "${models[@]}" "${budget[@]}"
     run "rrhf_s$s" rrhf.py "${models[@]}"
-    run "rcfd_s$s" rcfd.py "${models[@]}" --total_episodes "$EPISODES"
-    run "length_ppo_s$s" ppo.py "${models[@]}" --total_episodes "$EPISODES" --reward length --target_length 30
+    run "rcfd_s$s" rcfd.py "${models[@]}" "${budget[@]}"
+    run "length_ppo_s$s" ppo.py "${models[@]}" "${budget[@]}" --reward length --target_length 30
 }
 
 pids=()

@@ -8,6 +8,10 @@ and as min-max bands in plots.
     python benchmark/report.py curves runs/bench/overopt --out benchmark/figures/overopt.png
     python benchmark/report.py points runs/bench/overopt --at 20 50 100   # metrics at iterations
     python benchmark/report.py timing runs/bench/pipeline               # where the time goes
+    python benchmark/report.py annotator runs/bench/annotator           # the annotator sweep, against its targets
+    python benchmark/report.py quickstart runs/bench/quickstart         # the README's quick start: three runs
+    python benchmark/report.py show runs/bench/length/table.md          # a table a study script wrote
+    python benchmark/report.py commits runs/bench                       # the commits the runs came from
 
 matplotlib is needed only for `curves` (pip install matplotlib).
 """
@@ -30,11 +34,15 @@ CURVE_KEYS = ("gold/reward", "objective/scores", "objective/kl", "response/lengt
 
 @dataclass
 class Args:
-    command: tyro.conf.Positional[Literal["table", "curves", "points", "timing"]]
+    command: tyro.conf.Positional[Literal["table", "curves", "points", "timing", "annotator", "quickstart", "show",
+                                          "commits"]]
     """table: final summary.json values; curves: PNG learning curves; points: training metrics at
-    iterations; timing: median seconds per iteration in each stage, and throughput"""
+    iterations; timing: median seconds per iteration in each stage, and throughput; annotator: the
+    annotator sweep (benchmark/annotator.sh), one row per setting, checked against its targets; quickstart:
+    the quick start's three runs (sft, reward_model, ppo); show: print a table file; commits: the commits
+    benchmark/run_all.sh recorded"""
     runs: tyro.conf.Positional[Path]
-    """folder holding the `<name>_s<seed>` run folders"""
+    """folder holding the `<name>_s<seed>` run folders (show: the file)"""
     keys: tuple[str, ...] = ()
     """metrics to show (default: a standard set per command)"""
     at: tuple[int, ...] = (10, 25, 50, 100)
@@ -104,6 +112,60 @@ def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
     return "\n".join(rows)
 
 
+def annotator(root: Path) -> str:
+    """One row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>): the labels, the reward
+    model and PPO's gold gain over its initial (SFT) policy, mean ± spread over seeds, and the lowest seed."""
+    rows = [("| annotator k, c, pairs | c/k | seeds | labels' agreement with gold | reward model accuracy | its agreement "
+             "with gold | its score-length correlation | PPO gold gain (lowest seed) | PPO length (SFT policy) | "
+             "well-formed | meets the targets |"), "|---" * 11 + "|"]
+    groups = group_runs(root)
+    for name in sorted((n[3:] for n in groups if n.startswith("rm_")), key=lambda n: [float(x[1:]) for x in n.split("_")]):
+        rms = [json.loads((r / "summary.json").read_text()) for r in groups[f"rm_{name}"] if (r / "summary.json").exists()]
+        ppos = [json.loads((r / "summary.json").read_text()) for r in groups.get(f"ppo_{name}", [])
+                if (r / "summary.json").exists()]
+        if not rms or not ppos:
+            continue
+        k, c, pairs = (float(x[1:]) for x in name.split("_"))
+        gains = [p["gold"] - p["initial"]["gold"] for p in ppos]
+        col = lambda runs, key: [r[key] for r in runs]
+        mean = lambda v: sum(v) / len(v)
+        checks = {  # issue 19's targets for the default pipeline
+            "gain >= 1.0": mean(gains) >= 1.0, "every seed >= 0.7": min(gains) >= 0.7,
+            "well-formed >= 0.95": min(col(ppos, "well_formed")) >= 0.95,
+            "length r in 0.3-0.5": 0.3 <= mean(col(rms, "length_corr")) <= 0.5,
+            "labels 0.72-0.82": 0.72 <= mean(col(rms, "label_ceiling")) <= 0.82,
+            "length grows": mean(col(ppos, "length")) > mean([p["initial"]["length"] for p in ppos]) + 1}
+        failed = [t for t, ok in checks.items() if not ok]
+        rows.append(f"| {k:g}, {c:g}, {pairs:.0f} | {c / k:.3g} | {len(ppos)} | {mean_spread(col(rms, 'label_ceiling'))} | "
+                    f"{mean_spread(col(rms, 'accuracy'))} | {mean_spread(col(rms, 'gold_accuracy'))} | "
+                    f"{mean_spread(col(rms, 'length_corr'))} | {mean_spread(gains)} ({min(gains):.2f}) | "
+                    f"{mean_spread(col(ppos, 'length'))} ({mean([p['initial']['length'] for p in ppos]):.1f}) | "
+                    f"{mean_spread(col(ppos, 'well_formed'))} | {'yes' if not failed else 'no: ' + ', '.join(failed)} |")
+    return "\n".join(rows)
+
+
+def quickstart(root: Path) -> str:
+    """The three stages of the README's quick start (benchmark/quickstart.sh), a line each."""
+    sft, rm, ppo = (json.loads((root / name / "summary.json").read_text()) for name in ("sft", "reward_model", "ppo"))
+    first = ppo["initial"]
+    return "\n".join([
+        (f"sft.py          {sft['wall_time']:4.0f} s   eval_loss {sft['eval_loss']:.3f}, gold {sft['gold']:.2f}, "
+         f"well_formed {sft['well_formed']:.2f}"),
+        (f"reward_model.py {rm['wall_time']:4.0f} s   accuracy {rm['accuracy']:.2f}, gold_accuracy {rm['gold_accuracy']:.2f}, "
+         f"length_corr {rm['length_corr']:.2f}"),
+        (f"ppo.py          {ppo['wall_time']:4.0f} s   gold {first['gold']:.2f} -> {ppo['gold']:.2f}, reward {first['reward']:.2f} -> "
+         f"{ppo['reward']:.2f}, kl {ppo['kl']:.1f}, length {first['length']:.1f} -> {ppo['length']:.1f}"),
+        f"total           {sft['wall_time'] + rm['wall_time'] + ppo['wall_time']:4.0f} s"])
+
+
+def commits(root: Path) -> str:
+    """Each start of benchmark/run_all.sh: when, at which commit, which studies."""
+    lines = (root / "commits.log").read_text().splitlines()
+    return "\n".join(["| started (UTC) | commit | studies |", "|---|---|---|"]
+                     + [f"| {t} | {c} | {rest} |" for t, c, rest in (re.match(r"(\S+) (\S+(?: \(with uncommitted changes\))?) (.*)", line).groups()
+                                                            for line in lines)])
+
+
 def curves(groups: dict[str, list[Path]], keys: tuple[str, ...], out: Path, smooth: int) -> None:
     import matplotlib
 
@@ -138,6 +200,12 @@ def curves(groups: dict[str, list[Path]], keys: tuple[str, ...], out: Path, smoo
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.command == "show":
+        if not args.runs.is_file():
+            print(f"error: {args.runs} does not exist: run its study first", file=sys.stderr)
+            sys.exit(2)
+        print(args.runs.read_text().rstrip("\n"))
+        sys.exit(0)
     if not args.runs.is_dir():
         print(f"error: {args.runs} is not a folder of runs: run a benchmark/*.sh script first", file=sys.stderr)
         sys.exit(2)
@@ -148,5 +216,11 @@ if __name__ == "__main__":
         print(points(groups, args.keys or CURVE_KEYS, args.at))
     elif args.command == "timing":
         print(timing(groups, args.keys or TIMING_KEYS))
+    elif args.command == "annotator":
+        print(annotator(args.runs))
+    elif args.command == "quickstart":
+        print(quickstart(args.runs))
+    elif args.command == "commits":
+        print(commits(args.runs))
     else:
         curves(groups, args.keys or CURVE_KEYS, args.out, args.smooth)

@@ -5,20 +5,22 @@
 # 64 rollouts. PPO-max additionally spends its --critic_warmup_steps (10) iterations of rollouts on
 # the critic before its 40 policy iterations. Then two follow-ups (runs/bench/stability_extra):
 # PPO-max with the pretraining loss (--ptx_coef 0.5, 3 seeds), and ppo.py with PPO-max's optimizer
-# budget (one pass over the rollouts in 4 minibatches, seed 1), to separate "fewer updates" from the
-# rest of PPO-max. About 25 minutes on 2 CPU cores (one run at a time, one thread).
+# budget (one pass over the rollouts in 4 minibatches, 3 seeds), to separate "fewer updates" from the
+# rest of PPO-max. About 35 minutes on 2 CPU cores (one run at a time, one thread).
 #
 #     bash benchmark/stability.sh
 #     python benchmark/stability_table.py runs/bench/stability
 #     python benchmark/stability_table.py runs/bench/stability_extra
 #
-# Needs runs/sft and the reward model at $RM (default runs/reward_model: run the default pipeline first).
+# Needs the SFT model at $SFT and the reward model at $RM (defaults runs/sft and runs/reward_model: run the
+# default pipeline first).
 # A run whose summary.json exists is skipped, and an unfinished one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench}
-SETTING=(--reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_rows 64 --eval_every 10)
+SETTING=(--sft_model_path "$SFT" --reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_rows 64 --eval_every 10)
 
 run() {  # run SCRIPT RUN_DIR [extra flags...]: its output in RUN_DIR.log (a run folder holds only the run)
   local script=$1 dir=$2
@@ -36,5 +38,5 @@ for seed in 1 2 3; do
 done
 for seed in 1 2 3; do
   run ppo_max.py "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" --seed "$seed" --ptx_coef 0.5
+  run ppo.py "$OUT/stability_extra/ppo_1pass_s$seed" --seed "$seed" --num_ppo_epochs 1 --num_mini_batches 4
 done
-run ppo.py "$OUT/stability_extra/ppo_1pass_s1" --seed 1 --num_ppo_epochs 1 --num_mini_batches 4

@@ -1,0 +1,101 @@
+"""Where ppo.py's PPO epochs spend their time: one minibatch step (policy and value forward, backward,
+gradient clipping, AdamW) on the benchmark's models, under the variants issue 18 asked to measure.
+
+    python benchmark/ppo_step.py                      # the toy models of benchmark/speed.py
+    python benchmark/ppo_step.py --profile            # and torch.profiler's table of the plain step
+
+Each variant is timed alone, 20 steps after 3 warm-up steps, on random token ids of the given width
+(4 prompt tokens + the response width, every position real). The variants:
+- attention: sdpa (transformers' default) or eager;
+- width: 48 response tokens (a batch where one response hits --max_new_tokens) against 40 and 32;
+- micro-batches: the minibatch of 32 split into length-sorted parts, each padded only to its own
+  longest response (the same gradient, fewer padded positions, more passes);
+- AdamW with foreach=True;
+- torch.compile of both models (dynamic shapes).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import common
+
+MODELS = ROOT / "runs/bench/speed/models-toy-cpu"
+QUERY = 4
+
+
+def build(attn: str = "sdpa", foreach: bool = False, compile: bool = False):
+    policy = transformers.AutoModelForCausalLM.from_pretrained(MODELS / "sft", attn_implementation=attn)
+    value = common.TokenScores(transformers.AutoModelForSequenceClassification.from_pretrained(
+        MODELS / "reward_model", attn_implementation=attn))
+    optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-7, eps=1e-5, foreach=foreach)
+    if compile:
+        policy.forward, value.forward = torch.compile(policy.forward, dynamic=True), torch.compile(value.forward, dynamic=True)
+    return policy, value, optimizer
+
+
+def step(models, parts: list[tuple[int, int]]) -> None:
+    """One optimizer step over micro-batches (rows, response width)."""
+    policy, value, optimizer = models
+    optimizer.zero_grad()
+    for rows, width in parts:
+        ids = torch.randint(3, 100, (rows, QUERY + width))
+        mask = torch.ones_like(ids)
+        logprobs, _ = common.response_logprobs(policy, ids, mask, QUERY)
+        values = value(ids, mask)[:, QUERY - 1:-1]
+        (logprobs.mean() + values.mean()).backward()
+    torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+    optimizer.step()
+
+
+def timed(models, parts, n: int = 20) -> float:
+    for _ in range(3):
+        step(models, parts)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step(models, parts)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the plain step")
+    args = parser.parse_args()
+    if not (MODELS / "reward_model" / "summary.json").exists():
+        sys.exit(f"error: {MODELS} has no models: run `python benchmark/speed.py --quick` first")
+    torch.manual_seed(0)
+    plain = build()
+    variants = [("plain step, sdpa, width 48", plain, [(32, 48)]),
+                ("eager attention, width 48", build("eager"), [(32, 48)]),
+                ("width 40", plain, [(32, 40)]), ("width 32", plain, [(32, 32)]),
+                ("2 length-sorted micro-batches, widths 33 and 48", plain, [(16, 33), (16, 48)]),
+                ("4 length-sorted micro-batches, widths 31, 33, 36, 48", plain, [(8, 31), (8, 33), (8, 36), (8, 48)]),
+                ("AdamW foreach=True, width 48", build(foreach=True), [(32, 48)])]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per minibatch step of 32 rows\n")
+    print("| variant | ms |\n|---|---|")
+    for name, models, parts in variants:
+        print(f"| {name} | {timed(models, parts):.0f} |", flush=True)
+    t = time.perf_counter()
+    compiled = build(compile=True)
+    for width in (40, 44, 48):
+        step(compiled, [(32, width)])
+    print(f"| torch.compile (dynamic), width 48 (compiling took {time.perf_counter() - t:.0f} s) | "
+          f"{timed(compiled, [(32, 48)]):.0f} |")
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            for _ in range(5):
+                step(plain, [(32, 48)])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()
