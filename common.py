@@ -858,10 +858,13 @@ def toy_model(tokenizer, kind: str = "causal"):
 
 
 @functools.cache
-def toy_dataset(kind: str, seed: int = 0, n_train: int = 4000, n_test: int = 256, k: float = 2.0, c: float = 0.1):
-    """Deterministic toy datasets in TRL's formats. "sft", "prompts": prompt (a review's first 2-4 words),
-    completion (the rest). "preference": prompt, chosen, rejected, gold_chosen_better: two reviews labeled by
-    an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)): noisy, and partial to length."""
+def toy_dataset(kind: str, seed: int = 0, n_train: int | None = None, n_test: int = 256, k: float = 3.0,
+                c: float = 0.1):
+    """Deterministic toy datasets in TRL's formats. "sft", "prompts" (4000 training rows): prompt (a review's first
+    2-4 words), completion (the rest). "preference" (8000 training pairs): prompt, chosen, rejected,
+    gold_chosen_better: two reviews labeled by an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) +
+    c (len_a - len_b)): noisy, and partial to length (k, c and the pairs: benchmark/RESULTS.md's annotator sweep)."""
+    n_train = n_train or (8000 if kind == "preference" else 4000)
     rng = random.Random(f"{kind}-{seed}")
 
     def row() -> dict:

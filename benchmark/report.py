@@ -112,20 +112,34 @@ def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
     return "\n".join(rows)
 
 
+def label_agreement(k: float, c: float, pairs: int) -> float:
+    """How often the toy annotator's training labels agree with gold, on the pairs whose gold differs."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import common
+
+    rows = common.toy_dataset("preference", n_train=pairs, k=k, c=c)["train"]
+    golds = [(common.gold_reward(r["prompt"], r["chosen"]), common.gold_reward(r["prompt"], r["rejected"])) for r in rows]
+    decided = [a > b for a, b in golds if a != b]
+    return sum(decided) / len(decided)
+
+
 def annotator(root: Path) -> str:
-    """One row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>): the labels, the reward
-    model and PPO's gold gain over its initial (SFT) policy, mean ± spread over seeds, and the lowest seed."""
+    """One row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>, seeds with both finished): the
+    labels, the reward model, and PPO's gold gain over its initial (SFT) policy, mean ± spread over seeds."""
     rows = [("| annotator k, c, pairs | c/k | seeds | labels' agreement with gold | reward model accuracy | its agreement "
              "with gold | its score-length correlation | PPO gold gain (lowest seed) | PPO length (SFT policy) | "
              "well-formed | meets the targets |"), "|---" * 11 + "|"]
-    groups = group_runs(root)
-    for name in sorted((n[3:] for n in groups if n.startswith("rm_")), key=lambda n: [float(x[1:]) for x in n.split("_")]):
-        rms = [json.loads((r / "summary.json").read_text()) for r in groups[f"rm_{name}"] if (r / "summary.json").exists()]
-        ppos = [json.loads((r / "summary.json").read_text()) for r in groups.get(f"ppo_{name}", [])
-                if (r / "summary.json").exists()]
-        if not rms or not ppos:
+    done = {p.name for p in root.glob("*_s*") if (p / "summary.json").exists()}
+    settings = {re.sub(r"^rm_(.*)_s\d+$", r"\1", n) for n in done if n.startswith("rm_")}
+    for name in sorted(settings, key=lambda n: [float(x[1:]) for x in n.split("_")]):
+        seeds = sorted(n[len(f"ppo_{name}"):] for n in done if re.fullmatch(rf"ppo_{re.escape(name)}_s\d+", n))
+        seeds = [s for s in seeds if f"rm_{name}{s}" in done]
+        if not seeds:
             continue
+        rms = [json.loads((root / f"rm_{name}{s}" / "summary.json").read_text()) for s in seeds]
+        ppos = [json.loads((root / f"ppo_{name}{s}" / "summary.json").read_text()) for s in seeds]
         k, c, pairs = (float(x[1:]) for x in name.split("_"))
+        agreement = label_agreement(k, c, int(pairs))
         gains = [p["gold"] - p["initial"]["gold"] for p in ppos]
         col = lambda runs, key: [r[key] for r in runs]
         mean = lambda v: sum(v) / len(v)
@@ -133,10 +147,10 @@ def annotator(root: Path) -> str:
             "gain >= 1.0": mean(gains) >= 1.0, "every seed >= 0.7": min(gains) >= 0.7,
             "well-formed >= 0.95": min(col(ppos, "well_formed")) >= 0.95,
             "length r in 0.3-0.5": 0.3 <= mean(col(rms, "length_corr")) <= 0.5,
-            "labels 0.72-0.82": 0.72 <= mean(col(rms, "label_ceiling")) <= 0.82,
+            "labels 0.72-0.82": 0.72 <= agreement <= 0.82,
             "length grows": mean(col(ppos, "length")) > mean([p["initial"]["length"] for p in ppos]) + 1}
         failed = [t for t, ok in checks.items() if not ok]
-        rows.append(f"| {k:g}, {c:g}, {pairs:.0f} | {c / k:.3g} | {len(ppos)} | {mean_spread(col(rms, 'label_ceiling'))} | "
+        rows.append(f"| {k:g}, {c:g}, {pairs:.0f} | {c / k:.3g} | {len(ppos)} | {agreement:.3f} | "
                     f"{mean_spread(col(rms, 'accuracy'))} | {mean_spread(col(rms, 'gold_accuracy'))} | "
                     f"{mean_spread(col(rms, 'length_corr'))} | {mean_spread(gains)} ({min(gains):.2f}) | "
                     f"{mean_spread(col(ppos, 'length'))} ({mean([p['initial']['length'] for p in ppos]):.1f}) | "
@@ -162,7 +176,7 @@ def commits(root: Path) -> str:
     """Each start of benchmark/run_all.sh: when, at which commit, which studies."""
     lines = (root / "commits.log").read_text().splitlines()
     return "\n".join(["| started (UTC) | commit | studies |", "|---|---|---|"]
-                     + [f"| {t} | {c} | {rest} |" for t, c, rest in (re.match(r"(\S+) (\S+(?: \(with uncommitted changes\))?) (.*)", line).groups()
+                     + [f"| {t} | {c} | {rest} |" for t, c, rest in (re.match(r"(\S+) (\S+(?: \([^)]*\))?) (.*)", line).groups()
                                                             for line in lines)])
 
 

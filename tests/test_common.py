@@ -390,9 +390,11 @@ def annotator_stats(rows: list[dict]) -> tuple[float, float, int]:
     return agree / decided, longer_chosen / length_ties, length_ties
 
 
-def test_toy_annotator_agrees_with_gold_about_73_percent_and_prefers_longer() -> None:
-    agreement, longer_on_ties, length_ties = annotator_stats(common.toy_dataset("preference")["train"].to_list())
-    assert 0.70 < agreement < 0.78  # label noise: the accuracy ceiling of a reward model
+def test_toy_annotator_agrees_with_gold_72_to_82_percent_and_prefers_longer() -> None:
+    rows = common.toy_dataset("preference")["train"].to_list()
+    assert len(rows) == 8000
+    agreement, longer_on_ties, length_ties = annotator_stats(rows)
+    assert 0.72 <= agreement <= 0.82  # label noise (the world's calibration): the accuracy ceiling of a reward model
     assert length_ties > 50 and longer_on_ties > 0.6  # the length bias, at equal gold
 
 
