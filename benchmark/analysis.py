@@ -4,13 +4,14 @@
 Bucket the responses by length (bins of `bin_width` tokens, EOS excluded). In each bin that holds
 responses of both the initial policy (the run's initial_samples.jsonl, its evaluation before
 training) and the trained one (samples.jsonl, its final evaluation), take the gain
-mean(reward) - mean(initial reward); average those gains, weighted by the bins' counts. A gain that
+mean(reward) - mean(initial reward); average those gains, weighted by the trained policy's counts in the
+bins (--weights both: by both policies' counts). A gain that
 comes only from moving into longer, higher-scoring bins vanishes from this average, so
 `length_share` = 1 - stratified gain / total gain is near 1 when the gain is length and near 0 when
 it is not.
 
     python benchmark/analysis.py runs/ppo                   # the run's reward, and gold on toy
-    python benchmark/analysis.py runs/ppo --bin_width 2 --weights policy
+    python benchmark/analysis.py runs/ppo --bin_width 2 --weights both
 
 Other benchmark code imports `length_stratified_gain` (from lists) or `run_gains` (from a run folder).
 """
@@ -32,13 +33,14 @@ class Args:
     """a finished RL run's folder (it holds initial_samples.jsonl and samples.jsonl)"""
     bin_width: int = 5
     """length bin width in tokens"""
-    weights: Weights = "both"
-    """weight of a bin's gain: `both`, its initial + trained response counts; `policy`, the trained
-    policy's count alone (then a bin holding a few trained responses and many initial ones weighs little)"""
+    weights: Weights = "policy"
+    """weight of a bin's gain: `policy`, the trained policy's count (the policy's gain over what the initial
+    policy scores at the same lengths; a bin holding a few trained responses and many initial ones weighs
+    little); `both`, its initial + trained response counts"""
 
 
 def length_stratified_gain(base_rewards: list[float], base_lengths: list[int], rewards: list[float],
-                           lengths: list[int], bin_width: int = 5, weights: Weights = "both") -> dict:
+                           lengths: list[int], bin_width: int = 5, weights: Weights = "policy") -> dict:
     """The total reward gain, the length-stratified gain and the share of the gain that is length.
 
     total = mean(rewards) - mean(base_rewards);
@@ -72,7 +74,7 @@ def read_samples(path: Path) -> list[dict]:
     return samples
 
 
-def run_gains(run_dir: Path, bin_width: int = 5, weights: Weights = "both") -> dict[str, dict]:
+def run_gains(run_dir: Path, bin_width: int = 5, weights: Weights = "policy") -> dict[str, dict]:
     """length_stratified_gain of a run's final samples against its initial ones, on the reward the
     run trained on ("reward": the samples' `score`) and, on the toy world, on the gold reward ("gold")."""
     base, final = read_samples(Path(run_dir) / "initial_samples.jsonl"), read_samples(Path(run_dir) / "samples.jsonl")

@@ -142,7 +142,7 @@ def pearson(xs, ys):
 
 
 def bootstrap_share(b_rew, b_len, runs, n=300):
-    """5th-95th percentile of the seed-mean of the length share (5-token bins, SFT + policy weights)
+    """5th-95th percentile of the seed-mean of the length share (5-token bins, policy weights)
     when the SFT samples and each seed's policy samples are resampled with replacement."""
     rng = random.Random(0)
     draw = lambda xs: [rng.randrange(len(xs)) for _ in xs]  # noqa: E731
@@ -210,7 +210,7 @@ for run in runs:
     for width in (5, 2):
         g = length_stratified_gain(b_rew, b_len, rew, lens, width)
         row |= {"gain": g["reward_gain"], f"strat{width}": g["length_stratified_gain"], f"share{width}": g["length_share"]}
-    row["share5_policy"] = length_stratified_gain(b_rew, b_len, rew, lens, 5, weights="policy")["length_share"]
+    row["share5_both"] = length_stratified_gain(b_rew, b_len, rew, lens, 5, weights="both")["length_share"]
     row["samples"] = (rew, lens)
     summary, own = json.loads((run / "summary.json").read_text()), run_gains(run)["reward"]
     row |= {"own_reward": summary["reward"], "own_reward_gain": own["reward_gain"], "own_length_share": own["length_share"]}
@@ -226,7 +226,7 @@ print(f"\n## Policies: {len(base)} samples each (256 held-out prompts x {samples
       "mean ± half-range over seeds\n")
 print("| policy | seeds | rm_default reward | gold | length | KL to SFT | well-formed | EOS rate | reward gain |"
       " stratified gain (5-token bins) | length share (5) | its 90% bootstrap interval | length share (2-token bins) |"
-      " length share (5, policy-weighted) | samples in shared bins (5) |")
+      " length share (5, SFT + policy weights) | samples in shared bins (5) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 print(f"| SFT | - | {sft_row['rm']:.2f} | {sft_row['gold']:.2f} | {sft_row['length']:.1f} | 0 | "
       f"{sft_row['well_formed']:.3f} | {sft_row['eos']:.2f} | - | - | - | - | - | - | - |")
@@ -234,7 +234,7 @@ for name, rs in groups.items():
     c = lambda k, d=2: fmt([r[k] for r in rs], d)  # noqa: E731
     interval = bootstrap_share(b_rew, b_len, [r["samples"] for r in rs])
     print(f"| {name} | {len(rs)} | {c('rm')} | {c('gold')} | {c('length', 1)} | {c('kl', 1)} | {c('well_formed', 3)} | "
-          f"{c('eos')} | {c('gain')} | {c('strat5')} | {c('share5')} | {interval} | {c('share2')} | {c('share5_policy')} | {c('matched')} |")
+          f"{c('eos')} | {c('gain')} | {c('strat5')} | {c('share5')} | {interval} | {c('share2')} | {c('share5_both')} | {c('matched')} |")
 
 print("\n## The same policies under the other reward models, and ppo.py's own evaluation (its 128 samples before and "
       "after training, its training reward; gain and share by benchmark/analysis.py)\n")

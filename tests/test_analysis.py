@@ -37,9 +37,9 @@ def test_policy_weights_count_only_the_trained_responses() -> None:
     # bin 0: 1 base and 3 policy responses, gain 1; bin 1: 3 base and 1 policy response, gain 3.
     base = ([0.0, 0.0, 0.0, 0.0], [1, 11, 12, 13])
     policy = ([1.0, 1.0, 1.0, 3.0], [2, 3, 4, 15])
-    both = analysis.length_stratified_gain(*base, *policy, bin_width=10)
+    both = analysis.length_stratified_gain(*base, *policy, bin_width=10, weights="both")
     assert both["length_stratified_gain"] == pytest.approx((4 * 1 + 4 * 3) / 8)
-    mine = analysis.length_stratified_gain(*base, *policy, bin_width=10, weights="policy")
+    mine = analysis.length_stratified_gain(*base, *policy, bin_width=10)  # the default: the policy's counts
     assert mine["length_stratified_gain"] == pytest.approx((3 * 1 + 1 * 3) / 4)
     assert mine["reward_gain"] == both["reward_gain"] == pytest.approx(1.5)
 
