@@ -4,8 +4,9 @@ gradient clipping, AdamW) on the benchmark's models, under the variants issue 18
     python benchmark/ppo_step.py                      # the toy models of benchmark/speed.py
     python benchmark/ppo_step.py --profile            # and torch.profiler's table of the plain step
 
-Each variant is timed alone, 20 steps after 3 warm-up steps, on random token ids of the given width
-(4 prompt tokens + the response width, every position real). The variants:
+The variants take turns (--rounds rounds of 5 steps each, after 3 warm-up steps each), so that a slow
+spell of the machine falls on all of them; each gets the median over its steps, on random token ids of
+the given width (4 prompt tokens + the response width, every position real). The variants:
 - attention: sdpa (transformers' default) or eager;
 - width: 48 response tokens (a batch where one response hits --max_new_tokens) against 40 and 32;
 - micro-batches: the minibatch of 32 split into length-sorted parts, each padded only to its own
@@ -55,20 +56,25 @@ def step(models, parts: list[tuple[int, int]]) -> None:
     optimizer.step()
 
 
-def timed(models, parts, n: int = 20) -> float:
-    for _ in range(3):
-        step(models, parts)
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step(models, parts)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+def timed(variants: list, rounds: int) -> list[float]:
+    """Median ms per step of each (name, models, parts), the variants taking turns."""
+    for _, models, parts in variants:
+        for _ in range(3):
+            step(models, parts)
+    times = [[] for _ in variants]
+    for _ in range(rounds):
+        for (_, models, parts), own in zip(variants, times):
+            for _ in range(5):
+                t = time.perf_counter()
+                step(models, parts)
+                own.append(time.perf_counter() - t)
+    return [statistics.median(own) * 1000 for own in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the plain step")
+    parser.add_argument("--rounds", type=int, default=10, help="turns of 5 steps per variant")
     args = parser.parse_args()
     if not (MODELS / "reward_model" / "summary.json").exists():
         sys.exit(f"error: {MODELS} has no models: run `python benchmark/speed.py --quick` first")
@@ -80,16 +86,17 @@ def main() -> None:
                 ("2 length-sorted micro-batches, widths 33 and 48", plain, [(16, 33), (16, 48)]),
                 ("4 length-sorted micro-batches, widths 31, 33, 36, 48", plain, [(8, 31), (8, 33), (8, 36), (8, 48)]),
                 ("AdamW foreach=True, width 48", build(foreach=True), [(32, 48)])]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per minibatch step of 32 rows\n")
-    print("| variant | ms |\n|---|---|")
-    for name, models, parts in variants:
-        print(f"| {name} | {timed(models, parts):.0f} |", flush=True)
     t = time.perf_counter()
     compiled = build(compile=True)
-    for width in (40, 44, 48):
+    for width in (32, 40, 48):
         step(compiled, [(32, width)])
-    print(f"| torch.compile (dynamic), width 48 (compiling took {time.perf_counter() - t:.0f} s) | "
-          f"{timed(compiled, [(32, 48)]):.0f} |")
+    variants.append((f"torch.compile (dynamic shapes; compiling took {time.perf_counter() - t:.0f} s), width 48", compiled,
+                     [(32, 48)]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per minibatch step of 32 rows, "
+          f"{args.rounds} rounds of 5 steps\n")
+    print("| variant | ms |\n|---|---|")
+    for (name, _, _), ms in zip(variants, timed(variants, args.rounds)):
+        print(f"| {name} | {ms:.0f} |")
     if args.profile:
         with torch.profiler.profile() as prof:
             for _ in range(5):
