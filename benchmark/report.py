@@ -159,17 +159,17 @@ def annotator(root: Path) -> str:
 
 
 def quickstart(root: Path) -> str:
-    """The three stages of the README's quick start (benchmark/quickstart.sh), a line each."""
+    """The three stages of the README's quick start (benchmark/quickstart.sh), a line each, as a code block."""
     sft, rm, ppo = (json.loads((root / name / "summary.json").read_text()) for name in ("sft", "reward_model", "ppo"))
     first = ppo["initial"]
-    return "\n".join([
+    return "\n".join(["```",
         (f"sft.py          {sft['wall_time']:4.0f} s   eval_loss {sft['eval_loss']:.3f}, gold {sft['gold']:.2f}, "
          f"well_formed {sft['well_formed']:.2f}"),
         (f"reward_model.py {rm['wall_time']:4.0f} s   accuracy {rm['accuracy']:.2f}, gold_accuracy {rm['gold_accuracy']:.2f}, "
          f"length_corr {rm['length_corr']:.2f}"),
         (f"ppo.py          {ppo['wall_time']:4.0f} s   gold {first['gold']:.2f} -> {ppo['gold']:.2f}, reward {first['reward']:.2f} -> "
          f"{ppo['reward']:.2f}, kl {ppo['kl']:.1f}, length {first['length']:.1f} -> {ppo['length']:.1f}"),
-        f"total           {sft['wall_time'] + rm['wall_time'] + ppo['wall_time']:4.0f} s"])
+        f"total           {sft['wall_time'] + rm['wall_time'] + ppo['wall_time']:4.0f} s", "```"])
 
 
 def commits(root: Path) -> str:

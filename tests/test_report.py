@@ -75,7 +75,7 @@ def test_quickstart_lines(tmp_path):
                                           "wall_time": 41.0}, [])
     write_run(tmp_path / "ppo", {"gold": 0.6, "reward": 1.66, "kl": 3.42, "length": 28.8, "wall_time": 158.0,
                                  "initial": {"gold": -0.001, "reward": 0.18, "length": 17.0}}, [])
-    lines = report.quickstart(tmp_path).splitlines()
+    lines = report.quickstart(tmp_path).splitlines()[1:-1]  # inside the code block's fences
     assert lines[0] == "sft.py            52 s   eval_loss 1.349, gold 0.04, well_formed 0.99"
     assert lines[2] == "ppo.py           158 s   gold -0.00 -> 0.60, reward 0.18 -> 1.66, kl 3.4, length 17.0 -> 28.8"
     assert lines[3] == "total            251 s"
