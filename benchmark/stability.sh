@@ -6,7 +6,7 @@
 # the critic before its 40 policy iterations. Then two follow-ups (runs/bench/stability_extra):
 # PPO-max with the pretraining loss (--ptx_coef 0.5, 3 seeds), and ppo.py with PPO-max's optimizer
 # budget (one pass over the rollouts in 4 minibatches, 3 seeds), to separate "fewer updates" from the
-# rest of PPO-max. About 35 minutes on 2 CPU cores (one run at a time, one thread).
+# rest of PPO-max. About 20 minutes on 2 CPU cores ($JOBS runs at a time, default 2, one thread each).
 #
 #     bash benchmark/stability.sh
 #     python benchmark/stability_table.py runs/bench/stability
@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench}
+JOBS=${JOBS:-2}
 SETTING=(--sft_model_path "$SFT" --reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_rows 64 --eval_every 10)
 
 run() {  # run SCRIPT RUN_DIR [extra flags...]: its output in RUN_DIR.log (a run folder holds only the run)
@@ -28,15 +29,22 @@ run() {  # run SCRIPT RUN_DIR [extra flags...]: its output in RUN_DIR.log (a run
   [ -f "$dir/summary.json" ] && return
   mkdir -p "$(dirname "$dir")"
   OMP_NUM_THREADS=1 python "$script" "${SETTING[@]}" --output_dir "$dir" --overwrite "$@" > "$dir.log" 2>&1 \
-    || { echo "failed: see $dir.log"; exit 1; }
+    || { echo "failed: see $dir.log"; return 1; }
   echo "done $dir"
 }
 
+pids=()
+launch() {  # run in the background, at most $JOBS at once
+  run "$@" & pids+=($!)
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+}
+
 for seed in 1 2 3; do
-  run ppo.py "$OUT/stability/ppo_s$seed" --seed "$seed"
-  run ppo_max.py "$OUT/stability/ppo_max_s$seed" --seed "$seed"
+  launch ppo.py "$OUT/stability/ppo_s$seed" --seed "$seed"
+  launch ppo_max.py "$OUT/stability/ppo_max_s$seed" --seed "$seed"
 done
 for seed in 1 2 3; do
-  run ppo_max.py "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" --seed "$seed" --ptx_coef 0.5
-  run ppo.py "$OUT/stability_extra/ppo_1pass_s$seed" --seed "$seed" --num_ppo_epochs 1 --num_mini_batches 4
+  launch ppo_max.py "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" --seed "$seed" --ptx_coef 0.5
+  launch ppo.py "$OUT/stability_extra/ppo_1pass_s$seed" --seed "$seed" --num_ppo_epochs 1 --num_mini_batches 4
 done
+for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed run fails the script
