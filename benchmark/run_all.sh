@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=runs/bench
-STUDIES=${STUDIES:-quickstart pipeline annotator golden_length overoptimization stability rrhf length}
+STUDIES=${STUDIES:-quickstart pipeline ddp annotator golden_length overoptimization stability rrhf length}
 export SFT=$B/pipeline/sft_s1 RM=$B/pipeline/reward_model_s1
 mkdir -p "$B"
 echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- '*.py' '*.sh' || echo ' (with uncommitted changes)') $STUDIES" \
