@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every result of this project, regenerated on the current code with one command: each study's runs,
-# then the figures, then every generated block of benchmark/RESULTS.md and of the README's results
-# section (benchmark/results.py). The studies use the 3-seed pipeline's seed-1 SFT model and reward
+# then the figures, then every generated block of the README and of benchmark/*.md
+# (benchmark/results.py). The studies use the 3-seed pipeline's seed-1 SFT model and reward
 # model, so the pipeline runs first; the annotator sweep uses its three SFT models.
 #
 #     bash benchmark/run_all.sh                  # several hours on 2 cores; prints each study's wall time
@@ -40,5 +40,5 @@ if python -c "import matplotlib" 2>/dev/null; then
 else
     echo "matplotlib is not installed: the figures were not redrawn (pip install -r benchmark/requirements.txt)"
 fi
-python benchmark/results.py benchmark/RESULTS.md README.md
+python benchmark/results.py README.md benchmark/*.md
 echo "all studies: $(( (SECONDS - start) / 60 )) min" | tee -a "$B/timing.log"
