@@ -47,5 +47,5 @@ for s in $SEEDS; do
         while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
     done
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed setting fails the script
+failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
 python benchmark/report.py annotator "$OUT" | tee "$OUT/table.md"

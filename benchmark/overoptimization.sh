@@ -39,7 +39,7 @@ pids=()
 for kl in $SWEEP; do
     run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1 & pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed run stops the script
+failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
 TUNED_KL=${TUNED_KL:-$(python benchmark/overoptimization.py pick "$OUT/sweep")}
 echo "tuned kl_coef: $TUNED_KL"
 [ -e "$OUT/ppo_kl${TUNED_KL}_s1" ] || cp -r "$OUT/sweep/ppo_kl${TUNED_KL}_s1" "$OUT/ppo_kl${TUNED_KL}_s1"
@@ -57,7 +57,7 @@ for seed in $SEEDS; do
     compare "$seed" & pids+=($!)
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
 
 # 3. Final alignment of every policy with the same reward model, then the table.
 python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"

@@ -48,7 +48,7 @@ for s in $SEEDS; do
     seed_pipeline "$s" & pids+=($!)
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed seed stops the script here
+failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
 python benchmark/report.py table "$OUT" --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb \
     | tee "$OUT/table.md"
 python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"

@@ -125,7 +125,8 @@ def label_agreement(k: float, c: float, pairs: int) -> float:
 
 def annotator(root: Path) -> str:
     """One row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>, seeds with both finished): the
-    labels, the reward model, and PPO's gold gain over its initial (SFT) policy, mean ± spread over seeds."""
+    labels, the reward model, and PPO's gold gain over its initial (SFT) policy, mean ± spread over seeds. A setting
+    meets the targets ("yes") only on 3 seeds or more."""
     rows = [("| annotator k, c, pairs | c/k | seeds | labels' agreement with gold | reward model accuracy | its agreement "
              "with gold | its score-length correlation | PPO gold gain (lowest seed) | PPO length (SFT policy) | "
              "well-formed | meets the targets |"), "|---" * 11 + "|"]
@@ -145,16 +146,17 @@ def annotator(root: Path) -> str:
         mean = lambda v: sum(v) / len(v)
         checks = {  # issue 19's targets for the default pipeline
             "gain >= 1.0": mean(gains) >= 1.0, "every seed >= 0.7": min(gains) >= 0.7,
-            "well-formed >= 0.95": min(col(ppos, "well_formed")) >= 0.95,
+            "every seed well-formed >= 0.95": min(col(ppos, "well_formed")) >= 0.95,
             "length r in 0.3-0.5": 0.3 <= mean(col(rms, "length_corr")) <= 0.5,
             "labels 0.72-0.82": 0.72 <= agreement <= 0.82,
             "length grows": mean(col(ppos, "length")) > mean([p["initial"]["length"] for p in ppos]) + 1}
         failed = [t for t, ok in checks.items() if not ok]
+        verdict = "no: " + ", ".join(failed) if failed else "yes" if len(seeds) >= 3 else f"so far ({len(seeds)} of 3 seeds)"
         rows.append(f"| {k:g}, {c:g}, {pairs:.0f} | {c / k:.3g} | {len(ppos)} | {agreement:.3f} | "
                     f"{mean_spread(col(rms, 'accuracy'))} | {mean_spread(col(rms, 'gold_accuracy'))} | "
                     f"{mean_spread(col(rms, 'length_corr'))} | {mean_spread(gains)} ({min(gains):.2f}) | "
                     f"{mean_spread(col(ppos, 'length'))} ({mean([p['initial']['length'] for p in ppos]):.1f}) | "
-                    f"{mean_spread(col(ppos, 'well_formed'))} | {'yes' if not failed else 'no: ' + ', '.join(failed)} |")
+                    f"{mean_spread(col(ppos, 'well_formed'))} | {verdict} |")
     return "\n".join(rows)
 
 
@@ -174,9 +176,9 @@ def quickstart(root: Path) -> str:
 
 def commits(root: Path) -> str:
     """Each start of benchmark/run_all.sh: when, at which commit, which studies."""
-    lines = (root / "commits.log").read_text().splitlines()
+    lines = [line for line in (root / "commits.log").read_text().splitlines() if line.strip()]
     return "\n".join(["| started (UTC) | commit | studies |", "|---|---|---|"]
-                     + [f"| {t} | {c} | {rest} |" for t, c, rest in (re.match(r"(\S+) (\S+(?: \([^)]*\))?) (.*)", line).groups()
+                     + [f"| {t} | {c} | {rest} |" for t, c, rest in (re.match(r"(\S+) (\S+(?: \([^)]*\))?) ?(.*)", line).groups()
                                                             for line in lines)])
 
 
@@ -224,6 +226,14 @@ if __name__ == "__main__":
         print(f"error: {args.runs} is not a folder of runs: run a benchmark/*.sh script first", file=sys.stderr)
         sys.exit(2)
     groups = {k: v for k, v in group_runs(args.runs).items() if not args.only or k in args.only}
+    if missing := [name for name in args.only if name not in groups]:
+        print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
+        sys.exit(2)
+    unfinished = [r.name for runs in groups.values() for r in runs if not (r / "summary.json").exists()]
+    if args.command in ("table", "points", "timing") and (unfinished or not groups):
+        print(f"error: {args.runs}: {'unfinished runs: ' + ', '.join(unfinished) if unfinished else 'no runs'}: "
+              "finish its study first", file=sys.stderr)
+        sys.exit(2)
     if args.command == "table":
         print(table(groups, args.keys or TABLE_KEYS, args.initial))
     elif args.command == "points":

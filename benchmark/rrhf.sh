@@ -43,6 +43,6 @@ for s in $SEEDS; do
     seed_runs "$s" & pids+=($!)
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
 python benchmark/report.py table "$OUT" --initial default \
     --keys gold reward kl length well_formed wall_time peak_memory_mb | tee "$OUT/table.md"

@@ -9,20 +9,21 @@
 #
 # Each study also runs alone (benchmark/<study>.sh); a finished run (one with summary.json) is skipped,
 # so a rerun resumes where it stopped. The figures need matplotlib (pip install -r benchmark/requirements.txt).
-# runs/bench/commits.log records the commit (and whether tracked files had changes) of every start.
+# runs/bench/commits.log records the commit each study started at (and whether the tree had changes),
+# so that the results pages can name it: a study's runs are only as current as that line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=runs/bench
 STUDIES=${STUDIES:-quickstart pipeline ddp annotator golden_length overoptimization stability rrhf length}
 export SFT=$B/pipeline/sft_s1 RM=$B/pipeline/reward_model_s1
 mkdir -p "$B"
-echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- '*.py' '*.sh' || echo ' (with uncommitted changes)') $STUDIES" \
-    >> "$B/commits.log"
 
 start=$SECONDS
 for study in $STUDIES; do
     t=$SECONDS
     echo "$(date +%T) $study"
+    echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD)$([ -z "$(git status --porcelain -- '*.py' '*.sh')" ] \
+        || echo ' (with uncommitted changes)') $study" >> "$B/commits.log"
     case $study in
         pipeline) OUT=$B/pipeline bash benchmark/pipeline.sh ;;
         annotator) OUT=$B/annotator SFTS=$B/pipeline bash benchmark/annotator.sh ;;
@@ -33,12 +34,17 @@ for study in $STUDIES; do
     echo "$(date +%T) $study done in $(( (SECONDS - t) / 60 )) min" | tee -a "$B/timing.log"
 done
 
+figure() {  # figure STUDY_FOLDER PNG [report.py flags]: drawn when the study is there
+    [ -d "$1" ] && python benchmark/report.py curves "$1" --out "benchmark/figures/$2" --smooth 3 "${@:3}"
+    return 0
+}
 if python -c "import matplotlib" 2>/dev/null; then
-    python benchmark/report.py curves $B/pipeline --only ppo ppo_max rcfd length_ppo --out benchmark/figures/pipeline.png --smooth 3
-    python benchmark/report.py curves $B/stability --out benchmark/figures/stability.png --smooth 3
-    python benchmark/report.py curves $B/overopt --out benchmark/figures/overoptimization.png --smooth 3
+    figure $B/pipeline pipeline.png --only ppo ppo_max rcfd length_ppo
+    figure $B/stability stability.png
+    figure $B/overopt overoptimization.png
 else
     echo "matplotlib is not installed: the figures were not redrawn (pip install -r benchmark/requirements.txt)"
 fi
-python benchmark/results.py README.md benchmark/*.md
 echo "all studies: $(( (SECONDS - start) / 60 )) min" | tee -a "$B/timing.log"
+# the pages last; a block whose study has not run (yet) is kept as it was, and named
+python benchmark/results.py README.md benchmark/*.md || echo "some generated blocks were not regenerated (above)"

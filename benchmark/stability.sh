@@ -47,4 +47,4 @@ for seed in 1 2 3; do
   launch ppo_max.py "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" --seed "$seed" --ptx_coef 0.5
   launch ppo.py "$OUT/stability_extra/ppo_1pass_s$seed" --seed "$seed" --num_ppo_epochs 1 --num_mini_batches 4
 done
-for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed run fails the script
+failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
