@@ -52,7 +52,7 @@ class Args:
     smooth: int = 5
     """moving-average window (iterations) for `curves`"""
     only: tuple[str, ...] = ()
-    """show only these run groups (names without the `_s<seed>` suffix)"""
+    """show only these run groups (names without the `_s<seed>` suffix), in this order"""
     initial: str | None = None
     """`table`: add a row for the policy before training, read from this run group's `initial` metrics"""
 
@@ -225,7 +225,8 @@ if __name__ == "__main__":
     if not args.runs.is_dir():
         print(f"error: {args.runs} is not a folder of runs: run a benchmark/*.sh script first", file=sys.stderr)
         sys.exit(2)
-    groups = {k: v for k, v in group_runs(args.runs).items() if not args.only or k in args.only}
+    groups = group_runs(args.runs)
+    groups = {k: groups[k] for k in args.only if k in groups} if args.only else groups  # in --only's order
     if missing := [name for name in args.only if name not in groups]:
         print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
         sys.exit(2)
