@@ -53,6 +53,8 @@ class Args:
     """moving-average window (iterations) for `curves`"""
     only: tuple[str, ...] = ()
     """show only these run groups (names without the `_s<seed>` suffix), in this order"""
+    per_seed: bool = False
+    """`table`, `timing`: a row per run (seed) instead of per group"""
     initial: str | None = None
     """`table`: add a row for the policy before training, read from this run group's `initial` metrics"""
 
@@ -82,8 +84,9 @@ def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | N
     rows = [f"| run | seeds | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
     summaries = {name: [json.loads((r / "summary.json").read_text()) for r in runs if (r / "summary.json").exists()]
                  for name, runs in groups.items()}
-    if initial:
-        summaries = {f"before RL ({initial}'s initial policy)": [s["initial"] for s in summaries[initial]]} | summaries
+    if initial:  # the initial policy of that group, or of each of its seeds (--per_seed)
+        firsts = {n: v for n, v in summaries.items() if re.fullmatch(rf"{re.escape(initial)}(_s\d+)?", n)}
+        summaries = {f"before RL ({n}'s initial policy)": [s["initial"] for s in v] for n, v in firsts.items()} | summaries
     for name, found in summaries.items():
         rows.append(f"| {name} | {len(found)} | {' | '.join(mean_spread([s.get(k) for s in found]) for k in keys)} |")
     return "\n".join(rows)
@@ -230,6 +233,8 @@ if __name__ == "__main__":
     if missing := [name for name in args.only if name not in groups]:
         print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
         sys.exit(2)
+    if args.per_seed:
+        groups = {run.name: [run] for runs in groups.values() for run in runs}
     unfinished = [r.name for runs in groups.values() for r in runs if not (r / "summary.json").exists()]
     if args.command in ("table", "points", "timing") and (unfinished or not groups):
         print(f"error: {args.runs}: {'unfinished runs: ' + ', '.join(unfinished) if unfinished else 'no runs'}: "

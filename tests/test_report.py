@@ -119,3 +119,12 @@ def test_results_refuses_an_unclosed_block_and_ignores_markers_in_code_fences(tm
     done = subprocess.run(script, capture_output=True, text=True, check=False)
     assert done.returncode == 1 and "without its end line" in done.stderr
     assert page.read_text() == before  # nothing written
+
+
+def test_table_per_seed_gives_each_seed_its_own_initial_row(tmp_path):
+    for seed, gold in ((1, 0.5), (2, 0.7)):
+        write_run(tmp_path / f"ppo_s{seed}", {"gold": gold, "initial": {"gold": seed / 10}}, [])
+    per_seed = {run.name: [run] for runs in report.group_runs(tmp_path).values() for run in runs}  # --per_seed
+    rows = report.table(per_seed, ("gold",), initial="ppo").splitlines()[2:]
+    assert rows == ["| before RL (ppo_s1's initial policy) | 1 | 0.10 |", "| before RL (ppo_s2's initial policy) | 1 | 0.20 |",
+                    "| ppo_s1 | 1 | 0.50 |", "| ppo_s2 | 1 | 0.70 |"]
