@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Does PPO itself work? PPO with the exact golden length reward 1 - |n/N - 1| (Fan et al. 2023) for
 # targets N = 10, 20, 30, 3 seeds, 20 iterations of 64 prompts each (a fifth of ppo.py's default
-# budget), from the SFT model at $SFT. About 6 minutes on 2 cores (5 with JOBS=3).
+# budget), from the SFT model at $SFT. About 4 minutes on 2 cores.
 #
 #     bash benchmark/golden_length.sh
-#     python benchmark/report.py table runs/bench/golden_length --initial length20 \
+#     python benchmark/report.py table runs/bench/golden_length --initial length10 length20 length30 \
 #         --keys length length_error within_10pct gold well_formed wall_time
 #     python benchmark/report.py points runs/bench/golden_length --at 5 10 20 --keys response/length_error
 #
@@ -34,5 +34,5 @@ for s in $SEEDS; do
     done
 done
 wait
-python benchmark/report.py table "$OUT" --keys length length_error within_10pct gold well_formed wall_time \
+python benchmark/report.py table "$OUT" --initial length10 length20 length30 --keys length length_error within_10pct gold well_formed wall_time \
     | tee "$OUT/table.md"

@@ -55,8 +55,8 @@ class Args:
     """show only these run groups (names without the `_s<seed>` suffix), in this order"""
     per_seed: bool = False
     """`table`, `timing`: a row per run (seed) instead of per group"""
-    initial: str | None = None
-    """`table`: add a row for the policy before training, read from this run group's `initial` metrics"""
+    initial: tuple[str, ...] = ()
+    """`table`: add a row for the policy before training, read from these run groups' `initial` metrics"""
 
 
 def group_runs(root: Path) -> dict[str, list[Path]]:
@@ -80,12 +80,13 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | None = None) -> str:
+def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | tuple[str, ...] = ()) -> str:
     rows = [f"| run | seeds | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
     summaries = {name: [json.loads((r / "summary.json").read_text()) for r in runs if (r / "summary.json").exists()]
                  for name, runs in groups.items()}
-    if initial:  # the initial policy of that group, or of each of its seeds (--per_seed)
-        firsts = {n: v for n, v in summaries.items() if re.fullmatch(rf"{re.escape(initial)}(_s\d+)?", n)}
+    if initial:  # the initial policy of those groups, or of each of their seeds (--per_seed)
+        names = "|".join(re.escape(i) for i in ([initial] if isinstance(initial, str) else initial))
+        firsts = {n: v for n, v in summaries.items() if re.fullmatch(rf"(?:{names})(_s\d+)?", n)}
         summaries = {f"before RL ({n}'s initial policy)": [s["initial"] for s in v] for n, v in firsts.items()} | summaries
     for name, found in summaries.items():
         rows.append(f"| {name} | {len(found)} | {' | '.join(mean_spread([s.get(k) for s in found]) for k in keys)} |")
