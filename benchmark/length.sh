@@ -16,7 +16,7 @@
 #    gain (Singhal et al.'s NRG, benchmark/analysis.py) is computed on rm_default's reward against the
 #    SFT samples.
 #
-#   bash benchmark/length.sh                     # needs $SFT (default runs/sft); 72 min on 2 shared, busy cores
+#   bash benchmark/length.sh                     # needs $SFT (default runs/sft); about 25 min on 2 cores
 #   SEEDS="1" JOBS=1 bash benchmark/length.sh    # smaller
 #
 # Runs go to $OUT/<name>_s<seed> (stdout in $OUT/<name>_s<seed>.log); a finished run (one with
