@@ -28,7 +28,18 @@ if __name__ == "__main__":
         print("usage: python benchmark/annotator.py K C PAIRS SCRIPT [ARGS...]  (SCRIPT relative to the repository root)",
               file=sys.stderr)
         sys.exit(2)
-    k, c, pairs, script, args = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
+    try:
+        k, c, pairs = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+    except ValueError:
+        pairs = 0
+    if pairs < 1:
+        print(f"error: K and C must be numbers and PAIRS a positive whole number, not {' '.join(sys.argv[1:4])}",
+              file=sys.stderr)
+        sys.exit(2)
+    script, args = sys.argv[4], sys.argv[5:]
+    if not (ROOT / script).is_file():
+        print(f"error: {script} is not a script of this repository", file=sys.stderr)
+        sys.exit(2)
     default = common.toy_dataset
     relabeled = functools.partial(default, k=k, c=c, n_train=pairs)
     common.toy_dataset = lambda kind, *a, **kw: (relabeled if kind == "preference" else default)(kind, *a, **kw)

@@ -6,7 +6,7 @@
 # The SFT models are the 3-seed pipeline's ($SFTS/sft_s<seed>, trained here if missing, with the same
 # command as pipeline.sh): the annotator changes only the preference labels.
 #
-#     bash benchmark/annotator.sh            # about 45 minutes on 2 cores
+#     bash benchmark/annotator.sh
 #     python benchmark/report.py annotator runs/bench/annotator
 #
 # Runs go to $OUT/rm_<setting>_s<seed> and $OUT/ppo_<setting>_s<seed>; a run whose summary.json exists

@@ -2,7 +2,7 @@
 # One process against two under torchrun on the same 2 CPU cores (README's "Multiple GPUs"):
 # `ppo.py --reward length --target_length 20 --total_episodes 1280 --eval_rows 64` from the SFT model at
 # $SFT, the same global batch, once alone and once as `torchrun --standalone --nproc_per_node 2`. Run it
-# with nothing else on the machine. About 2 minutes.
+# with nothing else on the machine.
 #
 #     bash benchmark/ddp.sh
 #     python benchmark/report.py table runs/bench/ddp --initial one_process --keys world_size length_error wall_time

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does PPO itself work? PPO with the exact golden length reward 1 - |n/N - 1| (Fan et al. 2023) for
 # targets N = 10, 20, 30, 3 seeds, 20 iterations of 64 prompts each (a fifth of ppo.py's default
-# budget), from the SFT model at $SFT. About 4 minutes on 2 cores.
+# budget), from the SFT model at $SFT.
 #
 #     bash benchmark/golden_length.sh
 #     python benchmark/report.py table runs/bench/golden_length --initial length10 length20 length30 \

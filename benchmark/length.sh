@@ -16,7 +16,7 @@
 #    gain (Singhal et al.'s NRG, benchmark/analysis.py) is computed on rm_default's reward against the
 #    SFT samples.
 #
-#   bash benchmark/length.sh                     # needs $SFT (default runs/sft); about 25 min on 2 cores
+#   bash benchmark/length.sh                     # needs $SFT (default runs/sft)
 #   SEEDS="1" JOBS=1 bash benchmark/length.sh    # smaller
 #
 # Runs go to $OUT/<name>_s<seed> (stdout in $OUT/<name>_s<seed>.log); a finished run (one with
@@ -29,7 +29,7 @@ SFT=${SFT:-runs/sft}
 OUT=${OUT:-runs/bench/length}
 SEEDS=${SEEDS:-1 2}
 JOBS=${JOBS:-2}          # runs at once
-TARGET=${TARGET:-17}     # N of the length penalty: the SFT policy's mean length (16.99 tokens on 256 prompts)
+TARGET=${TARGET:-17}     # N of the length penalty: about the SFT policy's mean length (benchmark/RESULTS.md)
 LONG=${LONG:-40}         # LPPO's target: a long one, more than twice the SFT length
 SAMPLES=${SAMPLES:-2}    # samples per held-out prompt in the final scoring
 # The PPO budget, equal for every run.

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The README's results table: every algorithm on the toy world with every default, 3 seeds, about
-# 50 minutes on 2 cores. Each seed trains its own SFT model and reward model, then PPO, PPO-max, RRHF,
-# RCfD and length-only PPO (--reward length --target_length 30) from them. EPISODES=N gives the
-# PPO-style methods another budget of sampled responses than their default (6,400). Runs go to $OUT/<algo>_s<seed>; a run
+# The README's results table: every algorithm on the toy world with every default, 3 seeds. Each seed
+# trains its own SFT model and reward model, then PPO, PPO-max, RRHF, RCfD and length-only PPO
+# (--reward length --target_length 30) from them. EPISODES=N gives the PPO-style methods another
+# budget of sampled responses than their default (6,400). Runs go to $OUT/<algo>_s<seed>; a run
 # whose summary.json exists is skipped, so the script resumes where it stopped (an unfinished run is
 # started again: --overwrite).
 #

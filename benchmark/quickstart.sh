@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's quick start, timed: `python sft.py && python reward_model.py && python ppo.py` with every
 # default (all threads; run it with nothing else on the machine), into $OUT/sft, $OUT/reward_model and
-# $OUT/ppo. About 4 minutes on 2 cores. A finished stage (one with summary.json) is skipped.
+# $OUT/ppo. A finished stage (one with summary.json) is skipped.
 #
 #     bash benchmark/quickstart.sh
 #     python benchmark/report.py quickstart runs/bench/quickstart

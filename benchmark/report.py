@@ -241,6 +241,11 @@ if __name__ == "__main__":
         print(f"error: {args.runs}: {'unfinished runs: ' + ', '.join(unfinished) if unfinished else 'no runs'}: "
               "finish its study first", file=sys.stderr)
         sys.exit(2)
+    needs = {"quickstart": [args.runs / n / "summary.json" for n in ("sft", "reward_model", "ppo")],
+             "commits": [args.runs / "commits.log"]}.get(args.command, [])
+    if missing := [str(p) for p in needs if not p.exists()]:
+        print(f"error: {', '.join(missing)} missing: run its study first", file=sys.stderr)
+        sys.exit(2)
     if args.command == "table":
         print(table(groups, args.keys or TABLE_KEYS, args.initial))
     elif args.command == "points":
@@ -248,7 +253,12 @@ if __name__ == "__main__":
     elif args.command == "timing":
         print(timing(groups, args.keys or TIMING_KEYS))
     elif args.command == "annotator":
-        print(annotator(args.runs))
+        rows = annotator(args.runs)
+        if len(rows.splitlines()) < 3:
+            print(f"error: {args.runs} holds no finished pair of rm_<setting>_s<seed> and ppo_<setting>_s<seed> runs: "
+                  "run benchmark/annotator.sh first", file=sys.stderr)
+            sys.exit(2)
+        print(rows)
     elif args.command == "quickstart":
         print(quickstart(args.runs))
     elif args.command == "commits":

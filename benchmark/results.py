@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("files", nargs="+", type=Path, help="markdown files with generated blocks")
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file would change")
     args = parser.parse_args()
+    if missing := [str(path) for path in args.files if not path.is_file()]:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        sys.exit(2)
     failed = []
     new = {path: fill(path, failed) for path in args.files}  # every file checked before any is written
     changed = [path for path, text in new.items() if text != path.read_text()]

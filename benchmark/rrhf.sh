@@ -3,7 +3,7 @@
 # plus the demonstration per query), online sampling from the model being trained with and without
 # a KL term (the paper's reward-hacking finding), and both with the gold reward instead of the
 # learned one. 3 seeds, from $SFT and $RM (default: the default pipeline's runs/sft and
-# runs/reward_model), each with rrhf.py's default budget of 512 queries. About 10 minutes on 2 cores.
+# runs/reward_model), each with rrhf.py's default budget of 512 queries.
 #
 #     bash benchmark/rrhf.sh
 #     python benchmark/report.py table runs/bench/rrhf --initial default \

@@ -4,7 +4,7 @@
 # (benchmark/results.py). The studies use the 3-seed pipeline's seed-1 SFT model and reward
 # model, so the pipeline runs first; the annotator sweep uses its three SFT models.
 #
-#     bash benchmark/run_all.sh                  # several hours on 2 cores; prints each study's wall time
+#     bash benchmark/run_all.sh                  # prints each study's wall time (also in runs/bench/timing.log)
 #     STUDIES="pipeline annotator" bash benchmark/run_all.sh   # some studies only (then the pages)
 #
 # Each study also runs alone (benchmark/<study>.sh); a finished run (one with summary.json) is skipped,

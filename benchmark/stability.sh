@@ -6,7 +6,7 @@
 # the critic before its 40 policy iterations. Then two follow-ups (runs/bench/stability_extra):
 # PPO-max with the pretraining loss (--ptx_coef 0.5, 3 seeds), and ppo.py with PPO-max's optimizer
 # budget (one pass over the rollouts in 4 minibatches, 3 seeds), to separate "fewer updates" from the
-# rest of PPO-max. About 20 minutes on 2 CPU cores ($JOBS runs at a time, default 2, one thread each).
+# rest of PPO-max. $JOBS runs at a time (default 2), one thread each.
 #
 #     bash benchmark/stability.sh
 #     python benchmark/stability_table.py runs/bench/stability

@@ -128,3 +128,16 @@ def test_table_per_seed_gives_each_seed_its_own_initial_row(tmp_path):
     rows = report.table(per_seed, ("gold",), initial="ppo").splitlines()[2:]
     assert rows == ["| before RL (ppo_s1's initial policy) | 1 | 0.10 |", "| before RL (ppo_s2's initial policy) | 1 | 0.20 |",
                     "| ppo_s1 | 1 | 0.50 |", "| ppo_s2 | 1 | 0.70 |"]
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    """A results page or a study that is not there: exit 2 and one line on stderr, no traceback."""
+    import subprocess
+    import sys
+    for command in (["results.py", str(tmp_path / "missing.md")], ["report.py", "quickstart", str(tmp_path)],
+                    ["report.py", "commits", str(tmp_path)], ["report.py", "annotator", str(tmp_path)],
+                    ["annotator.py", "3", "0.1", "0", "reward_model.py"]):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmark" / command[0]), *command[1:]], capture_output=True,
+                              text=True, check=False)
+        assert done.returncode == 2 and done.stderr.startswith("error: "), command
+        assert len(done.stderr.strip().splitlines()) == 1, command
