@@ -380,15 +380,20 @@ def stop_ids(tokenizer) -> list[int]:
     """The tokens that end a response: EOS, the chat template's end-of-turn token (<|im_end|>, <|eot_id|>,
     <end_of_turn>: the first special token it renders after an assistant's reply), and the EOS ids of the generation
     config saved with the tokenizer (a model may list several)."""
-    ids = [tokenizer.eos_token_id, *_generation_eos_ids(tokenizer.name_or_path)]
-    if getattr(tokenizer, "chat_template", None):
+    return list(_stop_ids(tokenizer, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)))
+
+
+@functools.lru_cache(maxsize=16)  # computed once per tokenizer, not per row: rendering a chat template is slow
+def _stop_ids(tokenizer, eos_token_id: int, chat_template: str | None) -> tuple[int, ...]:
+    ids = [eos_token_id, *_generation_eos_ids(tokenizer.name_or_path)]
+    if chat_template:
         reply = "minrlhf"
         text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
                                              tokenize=False)
         special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
         after = tokenizer(text[text.rfind(reply) + len(reply):], add_special_tokens=False)["input_ids"]
         ids += [i for i in after if i in special][:1]
-    return list(dict.fromkeys(ids))
+    return tuple(dict.fromkeys(ids))
 
 
 @functools.cache
@@ -864,7 +869,8 @@ def toy_dataset(kind: str, seed: int = 0, n_train: int | None = None, n_test: in
     2-4 words), completion (the rest). "preference" (8000 training pairs): prompt, chosen, rejected,
     gold_chosen_better: two reviews labeled by an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) +
     c (len_a - len_b)): noisy, and partial to length (k, c and the pairs: benchmark/RESULTS.md's annotator sweep)."""
-    n_train = n_train or (8000 if kind == "preference" else 4000)
+    if n_train is None:
+        n_train = 8000 if kind == "preference" else 4000
     rng = random.Random(f"{kind}-{seed}")
 
     def row() -> dict:

@@ -398,6 +398,13 @@ def test_toy_annotator_agrees_with_gold_72_to_82_percent_and_prefers_longer() ->
     assert length_ties > 50 and longer_on_ties > 0.6  # the length bias, at equal gold
 
 
+def test_toy_dataset_sizes() -> None:
+    """The defaults (4,000 sft and prompt rows, 8,000 pairs), and n_train=0 means no rows, not the default."""
+    assert [len(common.toy_dataset(kind)["train"]) for kind in ("sft", "prompts", "preference")] == [4000, 4000, 8000]
+    assert len(common.toy_dataset("sft", n_train=0, n_test=3)["train"]) == 0
+    assert len(common.toy_dataset("sft", n_train=0, n_test=3)["test"]) == 3
+
+
 def test_toy_annotator_k_sets_the_noise_and_c_the_length_bias() -> None:
     """Near-noiseless (k=50) and length-blind (c=0): labels follow gold, and gold ties are coin flips."""
     rows = common.toy_dataset("preference", n_train=2000, n_test=8, k=50.0, c=0.0)["train"].to_list()

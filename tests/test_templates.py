@@ -73,6 +73,18 @@ def chat_tokenizer(style: str, vocab_size: int = 400) -> PreTrainedTokenizerFast
     return tokenizer
 
 
+def test_stop_ids_follow_a_changed_template() -> None:
+    """stop_ids is cached per tokenizer; a template set afterwards (or removed) is still followed."""
+    tokenizer = chat_tokenizer("chatml")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert common.stop_ids(tokenizer) == [tokenizer.eos_token_id, end]
+    template = tokenizer.chat_template
+    tokenizer.chat_template = None
+    assert common.stop_ids(tokenizer) == [tokenizer.eos_token_id]
+    tokenizer.chat_template = template
+    assert common.stop_ids(tokenizer) == [tokenizer.eos_token_id, end]
+
+
 def template_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     """transformers' own tokenization of a conversation through the template (what TRL trains on)."""
     return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)["input_ids"]
