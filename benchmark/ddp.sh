@@ -9,13 +9,11 @@
 #     python benchmark/report.py timing runs/bench/ddp
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 OUT=${OUT:-runs/bench/ddp}
 SFT=${SFT:-runs/sft}
-FLAGS=(--sft_model_path "$SFT" --reward length --target_length 20 --total_episodes 1280 --eval_rows 64 --overwrite)
-mkdir -p "$OUT"
-[ -f "$OUT/one_process_s1/summary.json" ] || python ppo.py "${FLAGS[@]}" --output_dir "$OUT/one_process_s1" \
-    > "$OUT/one_process_s1.log" 2>&1 || { echo "failed: see $OUT/one_process_s1.log"; exit 1; }
-[ -f "$OUT/two_processes_s1/summary.json" ] || torchrun --standalone --nproc_per_node 2 ppo.py "${FLAGS[@]}" \
-    --output_dir "$OUT/two_processes_s1" > "$OUT/two_processes_s1.log" 2>&1 || { echo "failed: see $OUT/two_processes_s1.log"; exit 1; }
+FLAGS=(--sft_model_path "$SFT" --reward length --target_length 20 --total_episodes 1280 --eval_rows 64)
+run_once "$OUT/one_process_s1" python ppo.py "${FLAGS[@]}"
+run_once "$OUT/two_processes_s1" torchrun --standalone --nproc_per_node 2 ppo.py "${FLAGS[@]}"
 python benchmark/report.py table "$OUT" --initial one_process --keys world_size length_error wall_time | tee "$OUT/table.md"
 python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"

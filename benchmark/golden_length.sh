@@ -12,27 +12,19 @@
 # one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 OUT=${OUT:-runs/bench/golden_length}
 SFT=${SFT:-runs/sft}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=1
-mkdir -p "$OUT"
-
-run() {  # run NAME ARGS...: one ppo.py run into $OUT/NAME, its output in $OUT/NAME.log
-    local name=$1; shift
-    [ -f "$OUT/$name/summary.json" ] && return
-    python ppo.py --sft_model_path "$SFT" --reward length --total_episodes 1280 --eval_every 5 "$@" \
-        --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
-    echo "$(date +%T) done $name"
-}
 
 for s in $SEEDS; do
     for n in 10 20 30; do
-        run "length${n}_s$s" --target_length "$n" --seed "$s" &
-        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done
+        launch run_once "$OUT/length${n}_s$s" python ppo.py --sft_model_path "$SFT" --reward length --total_episodes 1280 \
+            --eval_every 5 --target_length "$n" --seed "$s"
     done
 done
-wait
+finish
 python benchmark/report.py table "$OUT" --initial length10 length20 length30 --keys length length_error within_10pct gold well_formed wall_time \
     | tee "$OUT/table.md"

@@ -24,6 +24,7 @@
 # again: --overwrite). Tables: $OUT/table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SFT=${SFT:-runs/sft}
 OUT=${OUT:-runs/bench/length}
@@ -35,57 +36,33 @@ SAMPLES=${SAMPLES:-2}    # samples per held-out prompt in the final scoring
 # The PPO budget, equal for every run.
 BUDGET=(--sft_model_path "$SFT" --total_episodes 3200 --batch_size 64 --eval_every 10 --eval_rows 128)
 
-run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
+run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME (its wall and CPU time in $OUT/time.log)
     local name=$1; shift
-    [ -f "$OUT/$name/summary.json" ] && return 0
-    echo "$(date +%T) start $name: python $*"
-    local timer=()  # per-run wall and CPU time in $OUT/time.log, where GNU time is installed
-    [ -x /usr/bin/time ] && timer=(/usr/bin/time -f "$name: %e s wall, %U s user, %S s sys" -a -o "$OUT/time.log")
-    "${timer[@]}" python "$@" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
-        || { echo "$name failed: see $OUT/$name.log"; return 1; }
-    echo "$(date +%T) done $name"
-}
-
-launch() {  # run in the background, at most $JOBS at once
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
-    run "$@" &
-}
-
-finish() {  # wait for the background runs; fail if one failed
-    local failed=0
-    for pid in $(jobs -rp); do wait "$pid" || failed=1; done
-    wait || failed=1
-    return $failed
+    run_once "$OUT/$name" python "$@"
 }
 
 mkdir -p "$OUT"
 [ -d "$SFT" ] || { echo "$SFT not found: run \`python sft.py\` first or set SFT=..."; exit 2; }
 
 # ---- 1. reward models ----
-launch rm_default reward_model.py --model_name_or_path "$SFT"
-launch rm_balance reward_model.py --model_name_or_path "$SFT" --length_balance
-launch rm_augment reward_model.py --model_name_or_path "$SFT" --random_augment 0.25
+launch run rm_default reward_model.py --model_name_or_path "$SFT"
+launch run rm_balance reward_model.py --model_name_or_path "$SFT" --length_balance
+launch run rm_augment reward_model.py --model_name_or_path "$SFT" --random_augment 0.25
 finish
-for rm in rm_default rm_balance rm_augment; do [ -f "$OUT/$rm/summary.json" ] || { echo "$rm missing"; exit 1; }; done
 
 # ---- 2. PPO ----
 RM=(--reward_model_path "$OUT/rm_default")
 for seed in $SEEDS; do
     S=(--seed "$seed")
-    launch "ppo_s$seed"           ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}"
-    launch "ppo_lenpen_s$seed"    ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --length_penalty 0.5 --target_length "$TARGET"
-    launch "ppo_omitlong_s$seed"  ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --omit_long
-    launch "ppo_kl0.12_s$seed"    ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --kl_coef 0.12
-    launch "ppo_rmbalance_s$seed" ppo.py "${BUDGET[@]}" --reward_model_path "$OUT/rm_balance" "${S[@]}"
-    launch "ppo_rmaugment_s$seed" ppo.py "${BUDGET[@]}" --reward_model_path "$OUT/rm_augment" "${S[@]}"
-    launch "lppo${LONG}_s$seed"   ppo.py "${BUDGET[@]}" "${S[@]}" --reward length --target_length "$LONG"
+    launch run "ppo_s$seed"           ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}"
+    launch run "ppo_lenpen_s$seed"    ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --length_penalty 0.5 --target_length "$TARGET"
+    launch run "ppo_omitlong_s$seed"  ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --omit_long
+    launch run "ppo_kl0.12_s$seed"    ppo.py "${BUDGET[@]}" "${RM[@]}" "${S[@]}" --kl_coef 0.12
+    launch run "ppo_rmbalance_s$seed" ppo.py "${BUDGET[@]}" --reward_model_path "$OUT/rm_balance" "${S[@]}"
+    launch run "ppo_rmaugment_s$seed" ppo.py "${BUDGET[@]}" --reward_model_path "$OUT/rm_augment" "${S[@]}"
+    launch run "lppo${LONG}_s$seed"   ppo.py "${BUDGET[@]}" "${S[@]}" --reward length --target_length "$LONG"
 done
 finish
-for seed in $SEEDS; do
-    for name in ppo ppo_lenpen ppo_omitlong ppo_kl0.12 ppo_rmbalance ppo_rmaugment "lppo$LONG"; do
-        [ -f "$OUT/${name}_s$seed/summary.json" ] || { echo "${name}_s$seed missing: see $OUT/${name}_s$seed.log"; exit 1; }
-    done
-done
 
 # ---- 3. score every policy with the same reward models, and the tables ----
 python - "$OUT" "$SFT" "$SAMPLES" <<'EOF' | tee "$OUT/table.md"

@@ -11,6 +11,7 @@
 # unfinished run is started again: --overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
@@ -22,24 +23,17 @@ JOBS=${JOBS:-3}
 BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_rows 128
         --learning_rate 3e-4)
 
-run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME, its stdout in $OUT/NAME.log
+run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
     local name=$1; shift
-    [ -f "$OUT/$name/summary.json" ] && return
-    echo "$(date +%T) $name: python $* ${BUDGET[*]}"
-    python "$@" "${BUDGET[@]}" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
-        || { echo "$name failed: see $OUT/$name.log"; return 1; }
+    run_once "$OUT/$name" python "$@" "${BUDGET[@]}"
 }
 
-mkdir -p "$OUT/sweep"
 # 1. Tune PPO's KL coefficient: one run per value on seed 1, judged by the final gold reward (an
 #    oracle that a real sweep does not have: the best case for the baseline). The chosen run is
 #    reused as the tuned baseline's seed 1.
-#    The sweep's runs all start at once, one thread each.
-pids=()
-for kl in $SWEEP; do
-    run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1 & pids+=($!)
-done
-failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
+#    The sweep's runs, $JOBS at a time, one thread each.
+for kl in $SWEEP; do launch run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1; done
+finish
 TUNED_KL=${TUNED_KL:-$(python benchmark/overoptimization.py pick "$OUT/sweep")}
 echo "tuned kl_coef: $TUNED_KL"
 [ -e "$OUT/ppo_kl${TUNED_KL}_s1" ] || cp -r "$OUT/sweep/ppo_kl${TUNED_KL}_s1" "$OUT/ppo_kl${TUNED_KL}_s1"
@@ -52,12 +46,8 @@ compare() {
     run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed"  # the paper's setting (no KL)
     run "rcfd_kl0.2_s$seed" rcfd.py --seed "$seed"          # rcfd.py's default: --kl_coef 0.2
 }
-pids=()
-for seed in $SEEDS; do
-    compare "$seed" & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
-done
-failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
+for seed in $SEEDS; do launch compare "$seed"; done
+finish
 
 # 3. Final alignment of every policy with the same reward model, then the table.
 python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"

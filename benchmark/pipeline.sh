@@ -14,41 +14,28 @@
 # finish sooner than two then one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 OUT=${OUT:-runs/bench/pipeline}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-3}
 EPISODES=${EPISODES:-}
 export OMP_NUM_THREADS=1
-mkdir -p "$OUT"
-
-run() {  # run NAME SCRIPT ARGS...: one run into $OUT/NAME, its output in $OUT/NAME.log
-    local name=$1 script=$2; shift 2
-    [ -f "$OUT/$name/summary.json" ] && return
-    echo "$(date +%T) start $name"
-    python "$script" "$@" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
-        || { echo "$name failed: see $OUT/$name.log"; return 1; }
-    echo "$(date +%T) done $name"
-}
 
 seed_pipeline() {
     local s=$1
-    run "sft_s$s" sft.py --seed "$s"
-    run "reward_model_s$s" reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
+    run_once "$OUT/sft_s$s" python sft.py --seed "$s"
+    run_once "$OUT/reward_model_s$s" python reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
     local models=(--seed "$s" --sft_model_path "$OUT/sft_s$s" --reward_model_path "$OUT/reward_model_s$s")
     local budget=(${EPISODES:+--total_episodes "$EPISODES"})
-    run "ppo_s$s" ppo.py "${models[@]}" "${budget[@]}"
-    run "ppo_max_s$s" ppo_max.py "${models[@]}" "${budget[@]}"
-    run "rrhf_s$s" rrhf.py "${models[@]}"
-    run "rcfd_s$s" rcfd.py "${models[@]}" "${budget[@]}"
-    run "length_ppo_s$s" ppo.py "${models[@]}" "${budget[@]}" --reward length --target_length 30
+    run_once "$OUT/ppo_s$s" python ppo.py "${models[@]}" "${budget[@]}"
+    run_once "$OUT/ppo_max_s$s" python ppo_max.py "${models[@]}" "${budget[@]}"
+    run_once "$OUT/rrhf_s$s" python rrhf.py "${models[@]}"
+    run_once "$OUT/rcfd_s$s" python rcfd.py "${models[@]}" "${budget[@]}"
+    run_once "$OUT/length_ppo_s$s" python ppo.py "${models[@]}" "${budget[@]}" --reward length --target_length 30
 }
 
-pids=()
-for s in $SEEDS; do
-    seed_pipeline "$s" & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
-done
-failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
+for s in $SEEDS; do launch seed_pipeline "$s"; done
+finish
 python benchmark/report.py table "$OUT" --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb \
     | tee "$OUT/table.md"
 python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"

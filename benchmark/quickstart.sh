@@ -7,18 +7,10 @@
 #     python benchmark/report.py quickstart runs/bench/quickstart
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 OUT=${OUT:-runs/bench/quickstart}
-mkdir -p "$OUT"
 
-stage() {  # stage NAME SCRIPT ARGS...: one run into $OUT/NAME, its output in $OUT/NAME.log
-    local name=$1 script=$2; shift 2
-    [ -f "$OUT/$name/summary.json" ] && return
-    python "$script" "$@" --output_dir "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1 \
-        || { echo "$name failed: see $OUT/$name.log"; return 1; }
-    echo "$(date +%T) done $name"
-}
-
-stage sft sft.py
-stage reward_model reward_model.py --model_name_or_path "$OUT/sft"
-stage ppo ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model"
+run_once "$OUT/sft" python sft.py
+run_once "$OUT/reward_model" python reward_model.py --model_name_or_path "$OUT/sft"
+run_once "$OUT/ppo" python ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model"
 python benchmark/report.py quickstart "$OUT" | tee "$OUT/table.md"

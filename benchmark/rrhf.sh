@@ -13,20 +13,17 @@
 # is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
 OUT=${OUT:-runs/bench/rrhf}
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-3}
 export OMP_NUM_THREADS=1
-mkdir -p "$OUT"
 
-run() {  # run NAME ARGS...: one rrhf.py run into $OUT/NAME, its output in $OUT/NAME.log
+run() {  # run NAME ARGS...: one rrhf.py run into $OUT/NAME
     local name=$1; shift
-    [ -f "$OUT/$name/summary.json" ] && return
-    python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@" --output_dir "$OUT/$name" --overwrite \
-        > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; return 1; }
-    echo "$(date +%T) done $name"
+    run_once "$OUT/$name" python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@"
 }
 
 seed_runs() {
@@ -38,11 +35,7 @@ seed_runs() {
     run "gold_online_s$s" --seed "$s" --reward gold --sources online
 }
 
-pids=()
-for s in $SEEDS; do
-    seed_runs "$s" & pids+=($!)
-    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
-done
-failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
+for s in $SEEDS; do launch seed_runs "$s"; done
+finish
 python benchmark/report.py table "$OUT" --initial default \
     --keys gold reward kl length well_formed wall_time peak_memory_mb | tee "$OUT/table.md"

@@ -17,34 +17,26 @@
 # A run whose summary.json exists is skipped, and an unfinished one is started again (--overwrite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benchmark/lib.sh
+export OMP_NUM_THREADS=1
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench}
 JOBS=${JOBS:-2}
 SETTING=(--sft_model_path "$SFT" --reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_rows 64 --eval_every 10)
 
-run() {  # run SCRIPT RUN_DIR [extra flags...]: its output in RUN_DIR.log (a run folder holds only the run)
-  local script=$1 dir=$2
+run() {  # run RUN_DIR SCRIPT [extra flags...]: one run in the study's setting
+  local dir=$1 script=$2
   shift 2
-  [ -f "$dir/summary.json" ] && return
-  mkdir -p "$(dirname "$dir")"
-  OMP_NUM_THREADS=1 python "$script" "${SETTING[@]}" --output_dir "$dir" --overwrite "$@" > "$dir.log" 2>&1 \
-    || { echo "failed: see $dir.log"; return 1; }
-  echo "done $dir"
-}
-
-pids=()
-launch() {  # run in the background, at most $JOBS at once
-  run "$@" & pids+=($!)
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 5; done
+  run_once "$dir" python "$script" "${SETTING[@]}" "$@"
 }
 
 for seed in 1 2 3; do
-  launch ppo.py "$OUT/stability/ppo_s$seed" --seed "$seed"
-  launch ppo_max.py "$OUT/stability/ppo_max_s$seed" --seed "$seed"
+  launch run "$OUT/stability/ppo_s$seed" ppo.py --seed "$seed"
+  launch run "$OUT/stability/ppo_max_s$seed" ppo_max.py --seed "$seed"
 done
 for seed in 1 2 3; do
-  launch ppo_max.py "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" --seed "$seed" --ptx_coef 0.5
-  launch ppo.py "$OUT/stability_extra/ppo_1pass_s$seed" --seed "$seed" --num_ppo_epochs 1 --num_mini_batches 4
+  launch run "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" ppo_max.py --seed "$seed" --ptx_coef 0.5
+  launch run "$OUT/stability_extra/ppo_1pass_s$seed" ppo.py --seed "$seed" --num_ppo_epochs 1 --num_mini_batches 4
 done
-failed=0; for pid in "${pids[@]}"; do wait "$pid" || failed=1; done; [ "$failed" = 0 ]  # all finish first; then set -e stops on a failure
+finish
