@@ -18,6 +18,7 @@ RM=${RM:-runs/reward_model}
 OUT=${OUT:-runs/bench/overopt}
 SEEDS=${SEEDS:-1 2 3}
 SWEEP=${SWEEP:-0.02 0.1 0.5}
+RCFD_SWEEP=${RCFD_SWEEP:-0.05 0.5}
 JOBS=${JOBS:-3}
 # The budget, equal for every method: 24 iterations of 64 responses, held-out evaluation every 4.
 BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4 --eval_rows 128
@@ -49,6 +50,16 @@ compare() {
 for seed in $SEEDS; do launch compare "$seed"; done
 finish
 
-# 3. Final alignment of every policy with the same reward model, then the table.
+# 3. RCfD's KL coefficient: rcfd.py's default (0.2) was chosen on an earlier toy world; the same
+#    one-seed sweep as PPO's, for the detail page (benchmark/overoptimization.md). 0 and 0.2 are the
+#    comparison's seed-1 runs.
+for kl in $RCFD_SWEEP; do launch run "rcfd_sweep/rcfd_kl${kl}_s1" rcfd.py --kl_coef "$kl" --seed 1; done
+finish
+for kl in 0 0.2; do
+    from=$OUT/rcfd$([ "$kl" = 0 ] || echo "_kl$kl")_s1
+    [ -e "$OUT/rcfd_sweep/rcfd_kl${kl}_s1" ] || cp -r "$from" "$OUT/rcfd_sweep/rcfd_kl${kl}_s1"
+done
+
+# 4. Final alignment of every policy with the same reward model, then the table.
 python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"
 python benchmark/overoptimization.py table "$OUT" | tee "$OUT/table.md"

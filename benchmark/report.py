@@ -11,6 +11,7 @@ and as min-max bands in plots.
     python benchmark/report.py annotator runs/bench/annotator           # the annotator sweep, against its targets
     python benchmark/report.py quickstart runs/bench/quickstart         # the README's quick start: three runs
     python benchmark/report.py show runs/bench/length/table.md          # a table a study script wrote
+    python benchmark/report.py samples runs/bench/stability --n 2       # what the final policies write
     python benchmark/report.py commits runs/bench                       # the commits the runs came from
 
 matplotlib is needed only for `curves` (pip install matplotlib).
@@ -35,12 +36,12 @@ CURVE_KEYS = ("gold/reward", "objective/scores", "objective/kl", "response/lengt
 @dataclass
 class Args:
     command: tyro.conf.Positional[Literal["table", "curves", "points", "timing", "annotator", "quickstart", "show",
-                                          "commits"]]
+                                          "commits", "samples"]]
     """table: final summary.json values; curves: PNG learning curves; points: training metrics at
     iterations; timing: median seconds per iteration in each stage, and throughput; annotator: the
     annotator sweep (benchmark/annotator.sh), one row per setting, checked against its targets; quickstart:
     the quick start's three runs (sft, reward_model, ppo); show: print a table file; commits: the commits
-    benchmark/run_all.sh recorded"""
+    benchmark/run_all.sh recorded; samples: the first final-evaluation samples of each group's first seed"""
     runs: tyro.conf.Positional[Path]
     """folder holding the `<name>_s<seed>` run folders (show: the file)"""
     keys: tuple[str, ...] = ()
@@ -56,6 +57,8 @@ class Args:
     per_seed: bool = False
     """`table`, `timing`: a row per run (seed) instead of per group"""
     initial: tuple[str, ...] = ()
+    n: int = 2
+    """`samples`: how many samples per run"""
     """`table`: add a row for the policy before training, read from these run groups' `initial` metrics"""
 
 
@@ -113,6 +116,20 @@ def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
             medians = [statistics.median(m[k] for m in metrics) if all(k in m for m in metrics) else None
                        for k in keys]
             rows.append(f"| {name} | {len(metrics)} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in medians) + " |")
+    return "\n".join(rows)
+
+
+def samples(groups: dict[str, list[Path]], n: int, initial: tuple[str, ...] = ()) -> str:
+    """The first n held-out samples (samples.jsonl: the same prompts for every run) of each group's first run, and,
+    with initial, of those groups' policy before training (initial_samples.jsonl)."""
+    rows = ["| run | prompt | response | gold | reward |", "|---|---|---|---|---|"]
+    files = [(f"before RL ({name}'s initial policy)", groups[name][0] / "initial_samples.jsonl") for name in initial]
+    files += [(runs[0].name, runs[0] / "samples.jsonl") for runs in groups.values()]
+    cell = lambda text: text.replace("|", "\\|")
+    for name, path in files:
+        for line in path.read_text().splitlines()[:n]:
+            r = json.loads(line)
+            rows.append(f"| {name} | {cell(r['prompt'])} | {cell(r['response'])} | {r['gold']:.2f} | {r['score']:.2f} |")
     return "\n".join(rows)
 
 
@@ -237,7 +254,7 @@ if __name__ == "__main__":
     if args.per_seed:
         groups = {run.name: [run] for runs in groups.values() for run in runs}
     unfinished = [r.name for runs in groups.values() for r in runs if not (r / "summary.json").exists()]
-    if args.command in ("table", "points", "timing") and (unfinished or not groups):
+    if args.command in ("table", "points", "timing", "samples") and (unfinished or not groups):
         print(f"error: {args.runs}: {'unfinished runs: ' + ', '.join(unfinished) if unfinished else 'no runs'}: "
               "finish its study first", file=sys.stderr)
         sys.exit(2)
@@ -261,6 +278,11 @@ if __name__ == "__main__":
         print(rows)
     elif args.command == "quickstart":
         print(quickstart(args.runs))
+    elif args.command == "samples":
+        if missing := [n for n in args.initial if n not in groups]:
+            print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
+            sys.exit(2)
+        print(samples(groups, args.n, args.initial))
     elif args.command == "commits":
         print(commits(args.runs))
     else:

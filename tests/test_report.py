@@ -141,3 +141,16 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
                               text=True, check=False)
         assert done.returncode == 2 and done.stderr.startswith("error: "), command
         assert len(done.stderr.strip().splitlines()) == 1, command
+
+
+def test_samples_shows_each_groups_first_seed_and_escapes_pipes(tmp_path):
+    for name in ("ppo_s1", "ppo_s2", "rcfd_s1"):
+        write_run(tmp_path / name, {"gold": 0.0}, [])
+        lines = [{"prompt": "i liked", "response": f"{name} it || a lot .", "gold": 1.0, "score": 0.5},
+                 {"prompt": "the plot", "response": "second", "gold": -1.0, "score": 0.25}]
+        (tmp_path / name / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (tmp_path / name / "initial_samples.jsonl").write_text(json.dumps({**lines[1], "response": "before"}) + "\n")
+    rows = report.samples(report.group_runs(tmp_path), 1, initial=("ppo",)).splitlines()
+    assert rows[2:] == ["| before RL (ppo's initial policy) | the plot | before | -1.00 | 0.25 |",
+                        "| ppo_s1 | i liked | ppo_s1 it \\|\\| a lot . | 1.00 | 0.50 |",
+                        "| rcfd_s1 | i liked | rcfd_s1 it \\|\\| a lot . | 1.00 | 0.50 |"]
