@@ -32,10 +32,10 @@ MODELS = ROOT / "runs/bench/speed/models-toy-cpu"
 QUERY = 4
 
 
-def build(attn: str = "sdpa", foreach: bool = False, compile: bool = False):
-    policy = transformers.AutoModelForCausalLM.from_pretrained(MODELS / "sft", attn_implementation=attn)
+def build(models: Path, attn: str = "sdpa", foreach: bool = False, compile: bool = False):
+    policy = transformers.AutoModelForCausalLM.from_pretrained(models / "sft", attn_implementation=attn)
     value = common.TokenScores(transformers.AutoModelForSequenceClassification.from_pretrained(
-        MODELS / "reward_model", attn_implementation=attn))
+        models / "reward_model", attn_implementation=attn))
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-7, eps=1e-5, foreach=foreach)
     if compile:
         policy.forward, value.forward = torch.compile(policy.forward, dynamic=True), torch.compile(value.forward, dynamic=True)
@@ -75,19 +75,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the plain step")
     parser.add_argument("--rounds", type=int, default=10, help="turns of 5 steps per variant")
+    parser.add_argument("--models", type=Path, default=MODELS, help="speed.py's toy models (its work folder's "
+                                                                     "models-toy-cpu)")
     args = parser.parse_args()
-    if not (MODELS / "reward_model" / "summary.json").exists():
-        sys.exit(f"error: {MODELS} has no models: run `python benchmark/speed.py --quick` first")
+    if not (args.models / "reward_model" / "summary.json").exists():
+        print(f"error: {args.models} has no models: run `python benchmark/speed.py` first", file=sys.stderr)
+        sys.exit(2)
     torch.manual_seed(0)
-    plain = build()
+    plain = build(args.models)
     variants = [("plain step, sdpa, width 48", plain, [(32, 48)]),
-                ("eager attention, width 48", build("eager"), [(32, 48)]),
+                ("eager attention, width 48", build(args.models, "eager"), [(32, 48)]),
                 ("width 40", plain, [(32, 40)]), ("width 32", plain, [(32, 32)]),
                 ("2 length-sorted micro-batches, widths 33 and 48", plain, [(16, 33), (16, 48)]),
                 ("4 length-sorted micro-batches, widths 31, 33, 36, 48", plain, [(8, 31), (8, 33), (8, 36), (8, 48)]),
-                ("AdamW foreach=True, width 48", build(foreach=True), [(32, 48)])]
+                ("AdamW foreach=True, width 48", build(args.models, foreach=True), [(32, 48)])]
     t = time.perf_counter()
-    compiled = build(compile=True)
+    compiled = build(args.models, compile=True)
     for width in (32, 40, 48):
         step(compiled, [(32, width)])
     variants.append((f"torch.compile (dynamic shapes; compiling took {time.perf_counter() - t:.0f} s), width 48", compiled,

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every result of this project, regenerated on the current code with one command: each study's runs,
-# then the figures, then every generated block of the README and of benchmark/*.md
-# (benchmark/results.py). The studies use the 3-seed pipeline's seed-1 SFT model and reward
-# model, so the pipeline runs first; the annotator sweep uses its three SFT models.
+# Every result of this project, regenerated on the current code with one command: each study's runs
+# (the speed study last: it needs TRL's environment, and is skipped without it), then the figures,
+# then every generated block of the README and of benchmark/*.md (benchmark/results.py). The studies
+# use the 3-seed pipeline's seed-1 SFT model and reward model, so the pipeline runs first; the
+# annotator sweep uses its three SFT models.
 #
 #     bash benchmark/run_all.sh                  # prints each study's wall time (also in runs/bench/timing.log)
 #     STUDIES="pipeline annotator" bash benchmark/run_all.sh   # some studies only (then the pages)
@@ -14,12 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=runs/bench
-STUDIES=${STUDIES:-quickstart pipeline ddp annotator golden_length overoptimization stability rrhf length}
+STUDIES=${STUDIES:-quickstart pipeline ddp annotator golden_length overoptimization stability rrhf length speed}
 export SFT=$B/pipeline/sft_s1 RM=$B/pipeline/reward_model_s1
 mkdir -p "$B"
 
 start=$SECONDS
 for study in $STUDIES; do
+    if [ "$study" = speed ] && [ ! -x /tmp/trl-venv/bin/python ]; then  # the side-by-side with TRL needs its environment
+        echo "speed: skipped, no TRL environment at /tmp/trl-venv (python benchmark/speed.py --setup_trl --quick)"
+        continue
+    fi
     t=$SECONDS
     echo "$(date +%T) $study"
     echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD)$([ -z "$(git status --porcelain -- '*.py' '*.sh')" ] \
