@@ -196,11 +196,16 @@ def quickstart(root: Path) -> str:
 
 
 def commits(root: Path) -> str:
-    """Each start of benchmark/run_all.sh: when, at which commit, which studies."""
+    """Each start of a study by benchmark/run_all.sh: when, at which commit, and (timing.log) its wall time."""
     lines = [line for line in (root / "commits.log").read_text().splitlines() if line.strip()]
-    return "\n".join(["| started (UTC) | commit | studies |", "|---|---|---|"]
-                     + [f"| {t} | {c} | {rest} |" for t, c, rest in (re.match(r"(\S+) (\S+(?: \([^)]*\))?) ?(.*)", line).groups()
-                                                            for line in lines)])
+    timing = root / "timing.log"
+    minutes = dict(re.findall(r"^\S+ (\S+) done in (\d+) min$", timing.read_text(), re.M)) if timing.exists() else {}
+    rows = ["| started (UTC) | commit | study | wall time |", "|---|---|---|---|"]
+    for line in lines:
+        start, commit, studies = re.match(r"(\S+) (\S+(?: \([^)]*\))?) ?(.*)", line).groups()
+        time = f"{minutes[studies]} min" if studies in minutes else "-"
+        rows.append(f"| {start} | {commit} | {studies} | {time} |")
+    return "\n".join(rows)
 
 
 def curves(groups: dict[str, list[Path]], keys: tuple[str, ...], out: Path, smooth: int) -> None:

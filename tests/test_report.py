@@ -154,3 +154,15 @@ def test_samples_shows_each_groups_first_seed_and_escapes_pipes(tmp_path):
     assert rows[2:] == ["| before RL (ppo's initial policy) | the plot | before | -1.00 | 0.25 |",
                         "| ppo_s1 | i liked | ppo_s1 it \\|\\| a lot . | 1.00 | 0.50 |",
                         "| rcfd_s1 | i liked | rcfd_s1 it \\|\\| a lot . | 1.00 | 0.50 |"]
+
+
+def test_commits_names_each_studys_commit_and_wall_time(tmp_path):
+    (tmp_path / "commits.log").write_text("2026-11-26T09:38:33Z 09e56ad quickstart\n"
+                                          "2026-11-26T09:42:40Z 09e56ad (with uncommitted changes) pipeline\n"
+                                          "2026-11-26T10:03:00Z 09e56ad ddp\n")
+    (tmp_path / "timing.log").write_text("09:42:40 quickstart done in 4 min\n09:58:01 pipeline done in 15 min\n"
+                                         "all studies: 19 min\n")
+    assert report.commits(tmp_path).splitlines()[2:] == [
+        "| 2026-11-26T09:38:33Z | 09e56ad | quickstart | 4 min |",
+        "| 2026-11-26T09:42:40Z | 09e56ad (with uncommitted changes) | pipeline | 15 min |",
+        "| 2026-11-26T10:03:00Z | 09e56ad | ddp | - |"]  # still running, or stopped
