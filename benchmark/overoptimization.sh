@@ -55,10 +55,8 @@ finish
 #    comparison's seed-1 runs.
 for kl in $RCFD_SWEEP; do launch run "rcfd_sweep/rcfd_kl${kl}_s1" rcfd.py --kl_coef "$kl" --seed 1; done
 finish
-for kl in 0 0.2; do
-    from=$OUT/rcfd$([ "$kl" = 0 ] || echo "_kl$kl")_s1
-    [ -e "$OUT/rcfd_sweep/rcfd_kl${kl}_s1" ] || cp -r "$from" "$OUT/rcfd_sweep/rcfd_kl${kl}_s1"
-done
+[ -e "$OUT/rcfd_sweep/rcfd_kl0_s1" ] || cp -r "$OUT/rcfd_s1" "$OUT/rcfd_sweep/rcfd_kl0_s1"
+[ -e "$OUT/rcfd_sweep/rcfd_kl0.2_s1" ] || cp -r "$OUT/rcfd_kl0.2_s1" "$OUT/rcfd_sweep/rcfd_kl0.2_s1"
 
 # 4. Final alignment of every policy with the same reward model, then the table.
 python benchmark/overoptimization.py alignment "$OUT" --reward_model_path "$RM"

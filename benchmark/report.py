@@ -57,9 +57,10 @@ class Args:
     per_seed: bool = False
     """`table`, `timing`: a row per run (seed) instead of per group"""
     initial: tuple[str, ...] = ()
+    """`table`: add a row for the policy before training, read from these run groups' `initial` metrics (`samples`:
+    their samples before training)"""
     n: int = 2
     """`samples`: how many samples per run"""
-    """`table`: add a row for the policy before training, read from these run groups' `initial` metrics"""
 
 
 def group_runs(root: Path) -> dict[str, list[Path]]:
@@ -284,6 +285,9 @@ if __name__ == "__main__":
     elif args.command == "quickstart":
         print(quickstart(args.runs))
     elif args.command == "samples":
+        if args.n < 1:
+            print(f"error: --n {args.n}: give at least 1 sample per run", file=sys.stderr)
+            sys.exit(2)
         if missing := [n for n in args.initial if n not in groups]:
             print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
             sys.exit(2)
