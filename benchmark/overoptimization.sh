@@ -50,9 +50,8 @@ compare() {
 for seed in $SEEDS; do launch compare "$seed"; done
 finish
 
-# 3. RCfD's KL coefficient: rcfd.py's default (0.2) was chosen on an earlier toy world; the same
-#    one-seed sweep as PPO's, for the detail page (benchmark/overoptimization.md). 0 and 0.2 are the
-#    comparison's seed-1 runs.
+# 3. RCfD's KL coefficient, swept on seed 1 as PPO's is (benchmark/overoptimization.md); 0 and 0.2
+#    are the comparison's seed-1 runs.
 for kl in $RCFD_SWEEP; do launch run "rcfd_sweep/rcfd_kl${kl}_s1" rcfd.py --kl_coef "$kl" --seed 1; done
 finish
 [ -e "$OUT/rcfd_sweep/rcfd_kl0_s1" ] || cp -r "$OUT/rcfd_s1" "$OUT/rcfd_sweep/rcfd_kl0_s1"
