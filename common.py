@@ -12,7 +12,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -137,10 +137,13 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
     return torch.cat(parts).to(x.device) if isinstance(x, torch.Tensor) else [v for part in parts for v in part]
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of x where mask is 1. Each rank divides its sum by the mean count over ranks, so that the mean over
-    ranks of this value (what DDP does to gradients, all_mean to statistics) is the mean over all entries."""
-    return (x * mask).sum() / all_mean(mask.sum().float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1; collective under torchrun (every rank must call it). Each rank divides its sum by
+    the mean count over ranks, so that the mean over ranks of this value (what DDP does to gradients, all_mean to
+    statistics) is the mean over all entries. For a micro-batch, `count` is this rank's count in the whole minibatch
+    (its mask.sum()): the micro-batches' values then add up to the minibatch's mean, not a mean of means."""
+    count = mask.sum() if count is None else torch.as_tensor(count, device=mask.device)
+    return (x * mask).sum() / all_mean(count.float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
 
 
 def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -148,6 +151,16 @@ def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     if world_size() == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def grad_sync(*models: torch.nn.Module, sync: bool):
+    """A context for one micro-batch's forward and backward: under DDP, the gradient all-reduce (collective) runs only
+    where `sync` (the minibatch's last micro-batch); before it, gradients accumulate locally (DDP's no_sync)."""
+    stack = ExitStack()
+    for model in models:
+        if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            stack.enter_context(model.no_sync())
+    return stack
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -180,9 +193,17 @@ def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
     return tokenizer
 
 
-def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id"):
-    """A causal LM ("causal") or a scalar-head classifier ("score"), dropout off (N+ detail: it would make PPO's
-    ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0."""
+def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id",
+               device: torch.device | str = "cpu", frozen: bool = False, gradient_checkpointing: bool = False):
+    """A causal LM ("causal") or a scalar-head classifier ("score") on `device`, dropout off (N+ detail: it would make
+    PPO's ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0.
+
+    Precision. transformers 5 loads a checkpoint in the dtype it was stored in (bf16 or fp16 for most hub models), and
+    AdamW on bf16 weights rounds most small updates away (fp16's second moment underflows). So a trained model holds
+    fp32 master weights (and so fp32 optimizer state); compute runs in bf16 under autocast on CUDA. A `frozen` model
+    (reference policy, reward model during RL) runs in bf16 on CUDA, half the memory, and fp32 on a CPU. The stored
+    dtype is kept in `model.stored_dtype`: Run.finish saves the model in it. `gradient_checkpointing` recomputes each
+    layer's activations in the backward pass (it acts in train() mode; generation in eval() mode keeps its KV cache)."""
     if name_or_path == TOY:
         model = toy_model(tokenizer, kind)
     else:
@@ -205,6 +226,14 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+    stored_dtype = next(model.parameters()).dtype
+    device = torch.device(device)
+    model.to(device=device, dtype=torch.bfloat16 if frozen and device.type == "cuda" else torch.float32)
+    model.stored_dtype = stored_dtype
+    if frozen:
+        model.requires_grad_(False).eval()
+    if gradient_checkpointing:  # non-reentrant: gradients reach the weights even when the inputs need none
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -438,17 +467,24 @@ def forward(model, ids: torch.Tensor, mask: torch.Tensor):
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(label) under softmax(logits / temperature): the label's logit minus the logsumexp, which never
-    holds a second (B, T, V) tensor of log-probs. logits (B, T, V), labels (B, T) -> (B, T)."""
+    holds a second (B, T, V) tensor of log-probs. logits (B, T, V), labels (B, T) -> (B, T). The fp32 copy of the
+    logits lives only for this call: pass one micro-batch (or one generation step) at a time."""
     logits = logits.float() / temperature
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
-                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (B, R) and logits (B, R, V) of the response part of query_response, mask (B, context_len + R).
-    The logit at position t predicts token t+1, hence the shift by one."""
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, R) of the response part of query_response, mask (B, context_len + R). The logit at position t
+    predicts token t+1, hence the shift by one. The (B, R, V) logits are not returned: nothing holds them past this call."""
     logits = forward(model, query_response, mask).logits[:, context_len - 1:-1]
-    return logprobs_from_logits(logits, query_response[:, context_len:], temperature), logits
+    return logprobs_from_logits(logits, query_response[:, context_len:], temperature)
+
+
+def in_chunks(fn, size: int, *rows) -> torch.Tensor:
+    """fn(*chunk) over consecutive chunks of `size` rows of each of `rows` (tensors or lists of equal length),
+    concatenated along dim 0: a no-grad pass whose memory is bounded by the chunk, not the batch."""
+    return torch.cat([fn(*(r[i:i + size] for r in rows)) for i in range(0, len(rows[0]), size)])
 
 
 def truncate_after_eos(responses: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,30 +494,53 @@ def truncate_after_eos(responses: torch.Tensor, eos_ids: int | list[int]) -> tup
     return ((is_eos.cumsum(-1) - is_eos) == 0).long(), is_eos.bool().any(-1)
 
 
+class _SampledLogprobs(transformers.LogitsProcessor):
+    """Reads log pi(a_t) of each generated token as generation goes, so that no (B, R, V) logits are kept: each call
+    gets the raw logits of step t (transformers runs a processor passed to generate() before its own temperature) and
+    the tokens up to t - 1, so it keeps one step's fp32 logits / T and reads the log-prob of the token drawn from them
+    at the next call. Sampling is untouched: the logits go on as they came."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.logits, self.logprobs = temperature, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.read(input_ids[:, -1])
+        self.logits = scores.float() / self.temperature  # (B, V), this step's only
+        return scores
+
+    def read(self, tokens: torch.Tensor) -> None:
+        if self.logits is not None:
+            self.logprobs.append(logprobs_from_logits(self.logits[:, None], tokens[:, None])[:, 0])
+            self.logits = None
+
+
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False):
     """Sample responses for left-padded queries (B, Q) with the KV cache, each ending at its first stop token (EOS
     or the chat template's end of turn: stop_ids). Returns responses (B, R <= max_new_tokens) padded after it,
-    response_mask (B, R) up to and including it, ended (B,) (a stop token came), and the logits (B, R, V), from
-    which the old log-probs can be read without another forward pass."""
+    response_mask (B, R) up to and including it, ended (B,) (a stop token came), and the log-probs (B, R) of the
+    sampled tokens under softmax(logits / temperature), read step by step (the old log-probs of PPO without another
+    forward pass, and without keeping the (B, R, V) logits)."""
     # Only softmax(logits / T): a hub model's own generation config (repetition penalty, suppressed tokens, ...)
     # would sample from another distribution than our log-probs, so generate() sees a config of ours alone.
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     stops = stop_ids(tokenizer)
     config = transformers.GenerationConfig(
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
-        return_dict_in_generate=True, output_logits=True, **({"do_sample": False} if greedy else sampling))
-    model = unwrap(model)
+        return_dict_in_generate=True, **({"do_sample": False} if greedy else sampling))
+    model, reader = unwrap(model), _SampledLogprobs(temperature)
     saved, model.generation_config = model.generation_config, config  # generate() would fill gaps from it
     try:
-        out = model.generate(input_ids=queries, attention_mask=query_mask)
+        out = model.generate(input_ids=queries, attention_mask=query_mask,
+                             logits_processor=transformers.LogitsProcessorList([reader]))
     finally:
         model.generation_config = saved
     responses = out.sequences[:, queries.shape[1]:]
+    reader.read(responses[:, -1])  # the last step's token
     response_mask, ended = truncate_after_eos(responses, stops)
     responses = responses.masked_fill(response_mask == 0, tokenizer.pad_token_id)
-    return responses, response_mask, ended, torch.stack(out.logits, 1)
+    return responses, response_mask, ended, torch.stack(reader.logprobs[:responses.shape[1]], 1)
 
 
 class TokenScores(torch.nn.Module):
@@ -545,11 +604,12 @@ def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Te
 @torch.no_grad()
 def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[list[int]], score_fn,
              max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, batch_size: int = 64,
-             seed: int = 0) -> tuple[dict, list[dict]]:
+             seed: int = 0, micro_batch_size: int | None = None) -> tuple[dict, list[dict]]:
     """Mean score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) on held-out prompts, KL to the
     reference (sum of log pi - log pi_ref on the policy's samples), length and EOS rate; and one sample per prompt.
-    Each rank takes every world_size-th batch. Sampling has its own seed and leaves the training RNG as it was, so
-    that two evaluations differ by their policies, not by sampling noise."""
+    Each rank takes every world_size-th batch of `batch_size` prompts to sample; the reference and score passes run
+    in chunks of micro_batch_size rows. Sampling has its own seed and leaves the training RNG as it was, so that two
+    evaluations differ by their policies, not by sampling noise."""
     device = next(policy.parameters()).device
     unwrap(policy).eval()
     samples = []
@@ -559,12 +619,14 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
             batch_prompts, batch_queries = prompts[i:i + batch_size], queries[i:i + batch_size]
             query_ids, query_mask = (t.to(device) for t in pad(batch_queries, tokenizer.pad_token_id, "left"))
             with autocast(device):
-                responses, response_mask, ended, logits = generate(policy, query_ids, query_mask, tokenizer,
-                                                                   max_new_tokens, temperature, greedy)
+                responses, response_mask, ended, logprobs = generate(policy, query_ids, query_mask, tokenizer,
+                                                                     max_new_tokens, temperature, greedy)
                 ids, mask = torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1)
-                ref_logprobs, _ = response_logprobs(ref_policy, ids, mask, query_ids.shape[1], temperature)
-                scores = score_fn(batch_prompts, query_ids, query_mask, responses, response_mask)
-            kl = ((logprobs_from_logits(logits, responses, temperature) - ref_logprobs) * response_mask).sum(-1)
+                chunk = micro_batch_size or len(ids)
+                ref_logprobs = in_chunks(functools.partial(response_logprobs, ref_policy, context_len=query_ids.shape[1],
+                                                           temperature=temperature), chunk, ids, mask)
+                scores = in_chunks(score_fn, chunk, batch_prompts, query_ids, query_mask, responses, response_mask)
+            kl = ((logprobs - ref_logprobs) * response_mask).sum(-1)
             lengths = response_length(responses, response_mask, stop_ids(tokenizer))
             texts = decode_responses(tokenizer, responses, response_mask)
             for j, (prompt, text) in enumerate(zip(batch_prompts, texts)):
@@ -692,12 +754,14 @@ class Run:
         _interrupt_note = f"the last checkpoint (step {step}) is {self.checkpoint}; resume with: {_resume_command}"
 
     def finish(self, model, tokenizer, summary: dict, **samples: list[dict]) -> None:
-        """Save the model and tokenizer (via a temporary folder: a kill never leaves half a model), each list of
-        samples as <name>.jsonl, then summary.json, which marks a finished run."""
+        """Save the model, in the dtype its checkpoint was stored in (load_model's stored_dtype), and the tokenizer (via
+        a temporary folder: a kill never leaves half a model), each list of samples as <name>.jsonl, then
+        summary.json, which marks a finished run."""
         model = unwrap(model)
         self.check_finite("final", **{f"parameter {name}": param.detach() for name, param in model.named_parameters()})
         if self.main:
             tmp = self.dir / ".saving"
+            model.to(getattr(model, "stored_dtype", torch.float32))  # the checkpoint's own dtype (and config.dtype)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             for f in tmp.iterdir():

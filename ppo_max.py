@@ -22,6 +22,7 @@ Under torchrun every statistic is over the whole batch of all processes, as in p
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -65,10 +66,18 @@ class Args:
     """minibatches per PPO epoch (each process splits its share into this many)"""
     num_ppo_epochs: int = 1  # PPO-max: the experience buffer (one batch of rollouts) is used once
     """optimization epochs over each batch of rollouts"""
+    micro_batch_size: int | None = None
+    """rows of one forward/backward pass on one process: gradients accumulate over a minibatch's micro-batches and
+    the rollout's no-grad passes run in chunks of it (memory, not results); None: the whole minibatch"""
+    gradient_checkpointing: bool = False
+    """recompute the trained models' activations in the backward pass instead of keeping them (less memory, more
+    compute)"""
     learning_rate: float = 3e-4
     """Adam learning rate of policy and value model, decayed linearly to 0"""
     max_new_tokens: int = 48
     """response length limit"""
+    max_prompt_length: int = 512
+    """prompts longer than this many tokens lose their start (also cut to fit the model's positions)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed with the same temperature)"""
     kl_coef: float = 0.05
@@ -171,28 +180,31 @@ def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torc
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    response_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict]:
+                    response_mask: torch.Tensor, cliprange: float,
+                    count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective: L = mean_t max(-A ratio, -A clip(ratio, 1-eps, 1+eps)),
-    ratio = pi(a_t) / pi_old(a_t). All inputs (B, R); returns the scalar loss and statistics."""
+    ratio = pi(a_t) / pi_old(a_t). All inputs (B, R); returns the scalar loss and statistics. For a micro-batch,
+    `count` is the minibatch's token count: the means are over it, so the micro-batches' losses add up."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), response_mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
-             "approxkl": 0.5 * masked_mean(log_ratio ** 2, response_mask),
-             "ratio": masked_mean(ratio, response_mask)}
+    loss = masked_mean(torch.max(unclipped, clipped), response_mask, count)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask, count),
+             "approxkl": 0.5 * masked_mean(log_ratio ** 2, response_mask, count),
+             "ratio": masked_mean(ratio, response_mask, count)}
     return loss, stats
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                   response_mask: torch.Tensor, cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   response_mask: torch.Tensor, cliprange_value: float,
+                   count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: L = 0.5 mean_t max((V - R)^2, (V_clip - R)^2),
-    V_clip = V_old + clip(V - V_old, -eps, eps). All inputs (B, R) -> loss, clip fraction."""
+    V_clip = V_old + clip(V - V_old, -eps, eps). All inputs (B, R) -> loss, clip fraction; `count` as above."""
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     losses, losses_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), response_mask)
-    return loss, masked_mean((losses_clipped > losses).float(), response_mask)
+    loss = 0.5 * masked_mean(torch.max(losses, losses_clipped), response_mask, count)
+    return loss, masked_mean((losses_clipped > losses).float(), response_mask, count)
 
 
 class AdaptiveKLController:
@@ -279,16 +291,23 @@ def collapse_monitors(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, respon
             "monitor/score_low_tail": p50 - p10}
 
 
-def ptx_loss(policy, rows: list[dict], tokenizer, device: torch.device) -> torch.Tensor:
-    """Pretraining loss: mean cross-entropy of the completion tokens (and EOS) of SFT
-    demonstrations (of every process's rows), the prompt being context only, as in sft.py."""
+def ptx_batch(rows: list[dict], tokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SFT demonstrations as right-padded ids, mask and targets (N, T): targets are 1 on the completion tokens (and
+    EOS), the prompt being context only, as in sft.py."""
     prompts = [common.encode_prompt(tokenizer, row["prompt"]) for row in rows]
     completions = [common.encode_completion(tokenizer, row["completion"], prompt=row["prompt"]) for row in rows]
     ids, mask = common.pad([p + c for p, c in zip(prompts, completions)], tokenizer.pad_token_id, side="right")
     targets, _ = common.pad([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)], 0, side="right")
-    ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+    return ids.to(device), mask.to(device), targets.to(device)
+
+
+def ptx_loss(policy, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+             count: torch.Tensor | None = None) -> torch.Tensor:
+    """Pretraining loss: mean cross-entropy of the target tokens of a ptx_batch (of every process's rows). For a
+    micro-batch, `count` is the whole batch's number of predicted targets (targets[:, 1:].sum()): the micro-batches'
+    losses then add up."""
     logprobs = common.logprobs_from_logits(common.forward(policy, ids, mask).logits[:, :-1], ids[:, 1:])
-    return -masked_mean(logprobs, targets[:, 1:].float())
+    return -masked_mean(logprobs, targets[:, 1:].float(), count)
 
 
 if __name__ == "__main__":
@@ -296,7 +315,7 @@ if __name__ == "__main__":
     common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
                                       "learning_rate", "max_new_tokens", "temperature", "kl_target", "kl_horizon",
                                       "cliprange", "cliprange_value", "max_grad_norm", "eval_every", "eval_rows",
-                                      "target_length", "save_every",
+                                      "target_length", "save_every", "micro_batch_size", "max_prompt_length",
                                       "reward_clip", "advantage_clip"),  # PPO-max: its new flags
                       nonnegative=("kl_coef", "gamma", "lam", "vf_coef", "length_penalty",
                                    "critic_warmup_steps", "ptx_coef"))  # PPO-max: its new flags
@@ -309,6 +328,7 @@ if __name__ == "__main__":
                     f"--num_mini_batches {args.num_mini_batches}")
     local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
     minibatch_size = local_batch_size // args.num_mini_batches
+    micro_batch_size = min(args.micro_batch_size or minibatch_size, minibatch_size)  # rows per forward pass
     toy = args.dataset_name == common.TOY
 
     # ---- data, and models: policy, frozen reference, reward model, value model ----
@@ -319,9 +339,10 @@ if __name__ == "__main__":
     if args.ptx_coef:  # PPO-max: the SFT demonstrations for the pretraining loss
         sft_rows, _ = common.load_data(args.dataset_name, "sft", tokenizer, args.dataset_config,
                                        args.dataset_train_split, args.dataset_test_split)
-    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
+    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device,
+                               gradient_checkpointing=args.gradient_checkpointing)
     # prompts are cut from the left so that prompt + response fit the model's positions
-    max_prompt_tokens = common.max_positions(policy) - args.max_new_tokens
+    max_prompt_tokens = min(args.max_prompt_length, common.max_positions(policy) - args.max_new_tokens)
     if args.ptx_coef:  # PPO-max: only the demonstrations that fit the model's positions, a minibatch at least
         sft_rows = [r for r in sft_rows if len(common.encode_prompt(tokenizer, r["prompt"])) + len(common.encode_completion(
             tokenizer, r["completion"], prompt=r["prompt"])) <= common.max_positions(policy)]
@@ -330,18 +351,19 @@ if __name__ == "__main__":
                         f"{args.dataset_name} has {len(sft_rows)}")
     train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
     test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
-    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
     value_init = args.sft_model_path
     if args.reward == "model":
         hint = "run `python reward_model.py` first or pass --reward_model_path"
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
-        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
-        reward_model = reward_model.to(device).requires_grad_(False)
+        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint,
+                                                            device, frozen=True))
         same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
         # N+: the value model starts from the reward model, which already reads the text's quality
         # (but it reads the policy's token ids, so only when the two share a vocabulary)
         value_init = args.reward_model_path if same_vocab else value_init
-    value_model = common.TokenScores(common.load_model(value_init, tokenizer, "score")).to(device)
+    value_model = common.TokenScores(common.load_model(value_init, tokenizer, "score", device=device,
+                                                       gradient_checkpointing=args.gradient_checkpointing))
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, eps=1e-5,
                                   weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
@@ -378,7 +400,8 @@ if __name__ == "__main__":
 
     def evaluate(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
         metrics, samples = common.evaluate(policy, ref_policy, tokenizer, [r["prompt"] for r in test_rows],
-                                           test_queries, get_scores, args.max_new_tokens, args.temperature, greedy)
+                                           test_queries, get_scores, args.max_new_tokens, args.temperature, greedy,
+                                           micro_batch_size=micro_batch_size)
         if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
             metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
@@ -398,27 +421,29 @@ if __name__ == "__main__":
         batch, order = order[:args.batch_size][rank::world_size], order[args.batch_size:]
         prompts = [train_rows[i]["prompt"] for i in batch]
         queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch], tokenizer.pad_token_id, "left"))
+        policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
+        value_model.eval()
         with torch.no_grad(), common.autocast(device):
-            responses, response_mask, ended, logits = common.generate(policy, queries, query_mask, tokenizer,
-                                                                      args.max_new_tokens, args.temperature)
-            # The generation's own logits give the old log-probs: no extra policy forward pass.
-            logprobs = common.logprobs_from_logits(logits, responses, args.temperature)
-            del logits
+            # The generation's own logits give the old log-probs, read step by step: no extra policy forward pass.
+            responses, response_mask, ended, logprobs = common.generate(policy, queries, query_mask, tokenizer,
+                                                                        args.max_new_tokens, args.temperature)
             eos_rate = ended.float().mean().item()  # of the samples, before --omit_long replaces rows
             if args.omit_long:
                 queries, query_mask, responses, response_mask, ended, logprobs, prompts = omit_long(
                     ended, queries, query_mask, responses, response_mask, ended, logprobs, prompts)
             t1 = time.time()
 
-            # ---- 2. score the responses; reference log-probs and values of the rollout ----
-            scores = get_scores(prompts, queries, query_mask, responses, response_mask)
+            # ---- 2. score the responses; reference log-probs and values of the rollout (in micro-batches) ----
+            scores = common.in_chunks(get_scores, micro_batch_size, prompts, queries, query_mask, responses,
+                                      response_mask)
             context_len = queries.shape[1]
             query_response = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, response_mask], 1)
-            ref_logprobs, _ = common.response_logprobs(ref_policy, query_response, attention_mask, context_len,
-                                                       args.temperature)
+            ref_logprobs = common.in_chunks(partial(common.response_logprobs, ref_policy, context_len=context_len,
+                                                    temperature=args.temperature),
+                                            micro_batch_size, query_response, attention_mask)
             # V(s_t), the value of the state before response token t, is read one position earlier
-            values = value_model(query_response, attention_mask)[:, context_len - 1:-1]
+            values = common.in_chunks(value_model, micro_batch_size, query_response, attention_mask)[:, context_len - 1:-1]
         raw_scores = scores.float()
         # PPO-max: normalize with the mean/std of all scores so far (this batch of every process
         # included), clip to +-delta; the penalties below then count in these normalized units
@@ -443,35 +468,48 @@ if __name__ == "__main__":
         if args.adaptive_kl and not warmup:  # PPO-max: no policy update, no KL control during critic warm-up
             kl_ctl.update(common.all_mean(kl_sum.mean()).item(), args.batch_size)
 
-        # ---- 4. PPO epochs over shuffled minibatches ----
+        # ---- 4. PPO epochs over shuffled minibatches, each in micro-batches whose gradients add up ----
         stats = []
+        policy.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
+        value_model.train()
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(local_batch_size, device=device).split(minibatch_size):
-                with common.autocast(device):
-                    new_logprobs, _ = common.response_logprobs(policy, query_response[mb], attention_mask[mb],
-                                                               context_len, args.temperature)
-                    new_values = value_model(query_response[mb], attention_mask[mb])[:, context_len - 1:-1]
+                mb_tokens = response_mask[mb].sum()  # every loss is a mean over the whole minibatch's tokens
+                micro_batches, mb_stats = mb.split(micro_batch_size), {}
                 # PPO-max: advantages whitened per minibatch, then optionally clipped
-                mb_advantages = normalize_advantages(advantages[mb], response_mask[mb], args.advantage_clip)
-                pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], mb_advantages, response_mask[mb],
-                                                    args.cliprange)
-                vf_loss, vf_clipfrac = ppo_value_loss(new_values, values[mb], returns[mb], response_mask[mb],
-                                                      args.cliprange_value)
-                loss = pg_loss + args.vf_coef * vf_loss
-                if warmup:  # PPO-max: critic pretraining: the value loss only, so the policy gets no gradient
-                    loss = args.vf_coef * vf_loss
-                elif args.ptx_coef:  # PPO-max: L = L_ppo + w_ptx * CE(a minibatch of SFT demonstrations)
+                mb_advantages = advantages.clone()
+                mb_advantages[mb] = normalize_advantages(advantages[mb], response_mask[mb], args.advantage_clip)
+                if args.ptx_coef and not warmup:  # PPO-max: a minibatch of SFT demonstrations, its own token count
                     ptx_rows = rng.sample(sft_rows, minibatch_size * world_size)[rank::world_size]
-                    loss = loss + args.ptx_coef * ptx_loss(policy, ptx_rows, tokenizer, device)
-                optimizer.zero_grad()
-                loss.backward()
+                    ptx_ids, ptx_mask, ptx_targets = ptx_batch(ptx_rows, tokenizer, device)
+                for i, micro in enumerate(micro_batches):
+                    with common.grad_sync(policy, value_model, sync=i == len(micro_batches) - 1):
+                        with common.autocast(device):
+                            new_logprobs = common.response_logprobs(policy, query_response[micro],
+                                                                    attention_mask[micro], context_len, args.temperature)
+                            new_values = value_model(query_response[micro], attention_mask[micro])[:, context_len - 1:-1]
+                        pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[micro], mb_advantages[micro],
+                                                            response_mask[micro], args.cliprange, mb_tokens)
+                        vf_loss, vf_clipfrac = ppo_value_loss(new_values, values[micro], returns[micro],
+                                                              response_mask[micro], args.cliprange_value, mb_tokens)
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        if warmup:  # PPO-max: critic pretraining: the value loss only, so the policy gets no gradient
+                            loss = args.vf_coef * vf_loss
+                        elif args.ptx_coef:  # PPO-max: L = L_ppo + w_ptx * CE(the demonstrations' micro-batch)
+                            rows = slice(i * micro_batch_size, (i + 1) * micro_batch_size)
+                            loss = loss + args.ptx_coef * ptx_loss(policy, ptx_ids[rows], ptx_mask[rows],
+                                                                   ptx_targets[rows], ptx_targets[:, 1:].sum())
+                        run.check_finite(iteration, loss=loss)
+                        loss.backward()  # gradients add up over the micro-batches
+                    for k, v in (("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
+                                 ("policy/clipfrac_avg", pg_stats["clipfrac"]), ("policy/approxkl_avg", pg_stats["approxkl"]),
+                                 ("val/ratio", pg_stats["ratio"]), ("val/clipfrac_avg", vf_clipfrac)):
+                        mb_stats[k] = mb_stats.get(k, 0.0) + v.item()  # the micro-batches' shares add up too
                 grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
-                run.check_finite(iteration, loss=loss, grad_norm=grad_norm)
+                run.check_finite(iteration, grad_norm=grad_norm)
                 optimizer.step()
-                stats.append({"loss/policy_avg": pg_loss.item(), "loss/value_avg": vf_loss.item(),
-                              "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
-                              "policy/approxkl_avg": pg_stats["approxkl"].item(),
-                              "val/ratio": pg_stats["ratio"].item(), "val/clipfrac_avg": vf_clipfrac.item()})
+                optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
+                stats.append(mb_stats)
         if not warmup:  # PPO-max: the learning-rate schedule counts policy iterations only
             scheduler.step()
         t3 = time.time()

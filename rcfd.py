@@ -24,6 +24,7 @@ KL term to the SFT model is what keeps the rest of the text as it was.
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -67,10 +68,17 @@ class Args:
     """minibatches per PPO epoch (each process splits its share into this many)"""
     num_ppo_epochs: int = 4
     """optimization epochs over each batch of rollouts"""
+    micro_batch_size: int | None = None
+    """rows of one forward/backward pass on one process: gradients accumulate over a minibatch's micro-batches and
+    the rollout's no-grad passes run in chunks of it (memory, not results); None: the whole minibatch"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in the backward pass instead of keeping them (less memory, more compute)"""
     learning_rate: float = 3e-4
     """Adam learning rate, decayed linearly to 0"""
     max_new_tokens: int = 48
     """response length limit"""
+    max_prompt_length: int = 512
+    """prompts longer than this many tokens lose their start (also cut to fit the model's positions)"""
     temperature: float = 1.0
     """sampling temperature (log-probs are computed with the same temperature)"""
     cliprange: float = 0.3
@@ -121,17 +129,19 @@ def calibrated_reward(scores: torch.Tensor, demo_scores: torch.Tensor) -> torch.
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    response_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict]:
+                    response_mask: torch.Tensor, cliprange: float,
+                    count: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective: L = mean_t max(-A ratio, -A clip(ratio, 1-eps, 1+eps)),
-    ratio = pi(a_t) / pi_old(a_t). All inputs (B, R); returns the scalar loss and statistics."""
+    ratio = pi(a_t) / pi_old(a_t). All inputs (B, R); returns the scalar loss and statistics. For a micro-batch,
+    `count` is the minibatch's token count: the means are over it, so the micro-batches' losses add up."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), response_mask)
-    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
-             "approxkl": 0.5 * masked_mean(log_ratio ** 2, response_mask),
-             "ratio": masked_mean(ratio, response_mask)}
+    loss = masked_mean(torch.max(unclipped, clipped), response_mask, count)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), response_mask, count),
+             "approxkl": 0.5 * masked_mean(log_ratio ** 2, response_mask, count),
+             "ratio": masked_mean(ratio, response_mask, count)}
     return loss, stats
 
 
@@ -174,7 +184,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
                                       "learning_rate", "max_new_tokens", "temperature", "cliprange", "max_grad_norm",
-                                      "alignment_bins", "eval_every", "eval_rows", "target_length", "save_every"),
+                                      "alignment_bins", "eval_every", "eval_rows", "target_length", "save_every",
+                                      "micro_batch_size", "max_prompt_length"),
                       nonnegative=("kl_coef", "missing_eos_penalty"))
     if len(set(args.rewards)) != len(args.rewards) or not args.rewards:
         common.fail(f"--rewards {' '.join(args.rewards)}: name each component once (model, gold, length, loglik)")
@@ -187,6 +198,7 @@ if __name__ == "__main__":
                     f"--num_mini_batches {args.num_mini_batches}")
     local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
     minibatch_size = local_batch_size // args.num_mini_batches
+    micro_batch_size = min(args.micro_batch_size or minibatch_size, minibatch_size)  # rows per forward pass
     toy = args.dataset_name == common.TOY
 
     # ---- data with demonstrations; models: policy, frozen reference, reward model ----
@@ -198,18 +210,19 @@ if __name__ == "__main__":
     if any(row["completion"] is None for row in train_rows + test_rows):
         common.fail(f"dataset {args.dataset_name} has prompts without a demonstration: RCfD needs a "
                     "completion (or chosen) column to calibrate to")
-    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
+    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device,
+                               gradient_checkpointing=args.gradient_checkpointing)
     # prompts are cut from the left so that prompt + response fit the model's positions
     max_positions = common.max_positions(policy)
-    max_prompt_tokens = max_positions - args.max_new_tokens
+    max_prompt_tokens = min(args.max_prompt_length, max_positions - args.max_new_tokens)
     train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
     test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
-    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+    ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
     if "model" in args.rewards:
         hint = "run `python reward_model.py` first or pass --reward_model_path"
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
-        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint))
-        reward_model = reward_model.to(device).requires_grad_(False)
+        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint,
+                                                            device, frozen=True))
         same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
@@ -244,7 +257,7 @@ if __name__ == "__main__":
                     n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
                     components.append(common.length_reward(n_tokens, args.target_length))
                 else:  # loglik: the frozen reference policy's log-likelihood, at the sampling temperature
-                    logprobs, _ = common.response_logprobs(ref_policy, ids, mask, queries.shape[1], args.temperature)
+                    logprobs = common.response_logprobs(ref_policy, ids, mask, queries.shape[1], args.temperature)
                     components.append((logprobs * response_mask).sum(-1))
         return torch.stack([c.float() for c in components], -1)
 
@@ -260,7 +273,9 @@ if __name__ == "__main__":
                           response_mask.to(device)).cpu()
 
     # the held-out demonstrations' rewards: the same batches in every run, so no need to checkpoint them
-    test_demo_scores = demo_rewards(list(range(len(test_rows))), test_rows, {}, score_demonstrations)  # (T, K)
+    demo_batch_size = args.micro_batch_size or 64  # demonstrations scored per pass
+    test_demo_scores = demo_rewards(list(range(len(test_rows))), test_rows, {}, score_demonstrations,
+                                    demo_batch_size)  # (T, K)
 
     def evaluate(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
         eval_scores = [torch.zeros(0, len(args.rewards))]  # every component of this process's responses
@@ -270,7 +285,8 @@ if __name__ == "__main__":
             return eval_scores[-1][:, 0]
 
         metrics, samples = common.evaluate(policy, ref_policy, tokenizer, [r["prompt"] for r in test_rows],
-                                           test_queries, first_component, args.max_new_tokens, args.temperature, greedy)
+                                           test_queries, first_component, args.max_new_tokens, args.temperature, greedy,
+                                           micro_batch_size=micro_batch_size)
         scores = common.gather(torch.cat(eval_scores))  # (T, K) of every process, in no particular order
         for k, name in enumerate(args.rewards):
             suffix = "" if k == 0 else f"_{name}"
@@ -299,25 +315,26 @@ if __name__ == "__main__":
         batch = global_batch[rank::world_size]
         prompts = [train_rows[i]["prompt"] for i in batch]
         queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch], tokenizer.pad_token_id, "left"))
+        policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
         with torch.no_grad(), common.autocast(device):
-            responses, response_mask, ended, logits = common.generate(policy, queries, query_mask, tokenizer,
-                                                                      args.max_new_tokens, args.temperature)
-            # The generation's own logits give the old log-probs: no extra policy forward pass.
-            logprobs = common.logprobs_from_logits(logits, responses, args.temperature)
-            del logits
+            # The generation's own logits give the old log-probs, read step by step: no extra policy forward pass.
+            responses, response_mask, ended, logprobs = common.generate(policy, queries, query_mask, tokenizer,
+                                                                        args.max_new_tokens, args.temperature)
             t1 = time.time()
 
             # ---- 2. score every component of the responses and of their demonstrations; reference log-probs ----
-            scores = get_scores(prompts, queries, query_mask, responses, response_mask)  # (B, K)
+            scores = common.in_chunks(get_scores, micro_batch_size, prompts, queries, query_mask, responses,
+                                      response_mask)  # (B, K)
             # each process scores the new demonstrations of the whole batch, so that every process
             # holds the same cache, the one rank 0 checkpoints
-            demo_scores = demo_rewards(global_batch, train_rows, demo_cache, score_demonstrations)
+            demo_scores = demo_rewards(global_batch, train_rows, demo_cache, score_demonstrations, demo_batch_size)
             demo_scores = demo_scores[rank::world_size].to(device)  # (B, K)
             context_len = queries.shape[1]
             query_response = torch.cat([queries, responses], 1)
             attention_mask = torch.cat([query_mask, response_mask], 1)
-            ref_logprobs, _ = common.response_logprobs(ref_policy, query_response, attention_mask, context_len,
-                                                       args.temperature)
+            ref_logprobs = common.in_chunks(partial(common.response_logprobs, ref_policy, context_len=context_len,
+                                                    temperature=args.temperature),
+                                            micro_batch_size, query_response, attention_mask)
         response_mask = response_mask.float()
         logprobs, ref_logprobs = (x.float() * response_mask for x in (logprobs, ref_logprobs))
         kl = (logprobs - ref_logprobs).sum(-1)  # (B,) k1 estimator of KL(pi || pi_ref) per sequence
@@ -333,22 +350,30 @@ if __name__ == "__main__":
         # No value network: the batch mean is the baseline; every token gets its sequence's advantage.
         advantages = whiten(rewards)[:, None] * response_mask  # (B, R)
 
-        # ---- 4. PPO epochs over shuffled minibatches (policy only) ----
+        # ---- 4. PPO epochs over shuffled minibatches (policy only), each in micro-batches whose gradients add up ----
         stats = []
+        policy.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
         for _ in range(args.num_ppo_epochs):
             for mb in torch.randperm(local_batch_size, device=device).split(minibatch_size):
-                with common.autocast(device):
-                    new_logprobs, _ = common.response_logprobs(policy, query_response[mb], attention_mask[mb],
-                                                               context_len, args.temperature)
-                loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb], response_mask[mb],
-                                                 args.cliprange)
-                optimizer.zero_grad()
-                loss.backward()
+                mb_tokens = response_mask[mb].sum()  # every loss is a mean over the whole minibatch's tokens
+                micro_batches, mb_stats = mb.split(micro_batch_size), {}
+                for i, micro in enumerate(micro_batches):
+                    with common.grad_sync(policy, sync=i == len(micro_batches) - 1):
+                        with common.autocast(device):
+                            new_logprobs = common.response_logprobs(policy, query_response[micro],
+                                                                    attention_mask[micro], context_len, args.temperature)
+                        loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[micro], advantages[micro],
+                                                         response_mask[micro], args.cliprange, mb_tokens)
+                        run.check_finite(iteration, loss=loss)
+                        loss.backward()  # gradients add up over the micro-batches
+                    for k, v in (("loss/policy_avg", loss), ("policy/clipfrac_avg", pg_stats["clipfrac"]),
+                                 ("policy/approxkl_avg", pg_stats["approxkl"]), ("val/ratio", pg_stats["ratio"])):
+                        mb_stats[k] = mb_stats.get(k, 0.0) + v.item()  # the micro-batches' shares add up too
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                run.check_finite(iteration, loss=loss, grad_norm=grad_norm)
+                run.check_finite(iteration, grad_norm=grad_norm)
                 optimizer.step()
-                stats.append({"loss/policy_avg": loss.item(), "policy/clipfrac_avg": pg_stats["clipfrac"].item(),
-                              "policy/approxkl_avg": pg_stats["approxkl"].item(), "val/ratio": pg_stats["ratio"].item()})
+                optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
+                stats.append(mb_stats)
         scheduler.step()
         t3 = time.time()
 

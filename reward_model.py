@@ -48,6 +48,11 @@ class Args:
     batch_size: int = 32
     """preference pairs per optimizer step, over all processes (each takes an equal share; twice as
     many sequences per forward pass)"""
+    micro_batch_size: int | None = None
+    """pairs of one forward/backward pass on one process: gradients accumulate over the batch's micro-batches, and
+    held-out scoring runs in chunks of twice as many sequences (memory, not results); None: the whole batch"""
+    gradient_checkpointing: bool = False
+    """recompute the activations in the backward pass instead of keeping them (less memory, more compute)"""
     max_length: int = 128
     """prompt + response tokens (at most the model's positions); pairs with a longer sequence are
     dropped, as the score is read at EOS"""
@@ -78,14 +83,15 @@ class Args:
 def check(args: Args) -> None:
     """fail() on a flag out of its range, before anything is loaded."""
     common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "max_train_rows",
-                                      "length_bin_width", "eval_every", "eval_rows", "demo_rows", "save_every"),
+                                      "length_bin_width", "eval_every", "eval_rows", "demo_rows", "save_every",
+                                      "micro_batch_size"),
                       nonnegative=("center_rewards_coef", "random_augment"))
     if args.random_augment > 1:
         common.fail(f"--random_augment is a fraction of the training pairs: at most 1, got {args.random_augment}")
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       center_coef: float = 0.0) -> torch.Tensor:
+                       center_coef: float = 0.0, count: int | None = None) -> torch.Tensor:
     """Bradley-Terry loss of a reward model on preference pairs, as in TRL's RewardTrainer.
 
     chosen, rejected, margin: (B,) scores r(x, y_c), r(x, y_r) and optional required margins m.
@@ -96,12 +102,13 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     larger gap on pairs the annotators rated as clearly different; the centering term (Eisenstein et
     al. 2023) pins the otherwise free offset of the scores near 0. The means are over the pairs of
     every process's share of the batch (common.masked_mean), so that several processes, each with
-    its share, get the gradient of one process with the whole batch."""
+    its share, get the gradient of one process with the whole batch. For a micro-batch of a batch, `count` is the
+    batch's number of pairs (on this process): the micro-batches' losses then add up to the batch's."""
     pairs = torch.ones_like(chosen)
     diff = chosen - rejected - (margin if margin is not None else 0.0)
-    loss = common.masked_mean(-F.logsigmoid(diff), pairs)
+    loss = common.masked_mean(-F.logsigmoid(diff), pairs, count)
     if center_coef:
-        loss = loss + center_coef * common.masked_mean((chosen + rejected) ** 2, pairs)
+        loss = loss + center_coef * common.masked_mean((chosen + rejected) ** 2, pairs, count)
     return loss
 
 
@@ -255,7 +262,8 @@ if __name__ == "__main__":
     # demonstrations from the SFT stage, whose mean score becomes 0 after training
     demo_rows = (common.load_data(common.TOY, "sft", tokenizer, max_train_rows=args.demo_rows)[0] if toy
                  else train_rows[:args.demo_rows])  # preference rows carry `completion` = chosen
-    model = common.TokenScores(common.load_model(args.model_name_or_path, tokenizer, "score", hint)).to(device)
+    model = common.TokenScores(common.load_model(args.model_name_or_path, tokenizer, "score", hint, device,
+                                                 gradient_checkpointing=args.gradient_checkpointing))
     max_length = min(args.max_length, common.max_positions(model.classifier))
 
     # ---- length interventions on the training pairs (Singhal et al. 2023) ----
@@ -276,6 +284,9 @@ if __name__ == "__main__":
     # the shuffled passes over the pairs form one stream (as in ppo.py), so that every batch is full and
     # splits evenly over the processes; a batch may run into the next pass
     num_steps = math.ceil(args.num_epochs * len(train) / args.batch_size)
+    local_batch_size = args.batch_size // world_size  # this process's share of each batch
+    micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)  # pairs per forward pass
+    eval_pairs = args.micro_batch_size or args.batch_size  # pairs per held-out scoring pass
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
     model = common.ddp(model, device)
@@ -289,32 +300,41 @@ if __name__ == "__main__":
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
 
     # ---- training: Bradley-Terry loss on (chosen, rejected) pairs ----
+    model.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
     for step in common.progress(range(start, num_steps + 1), desc="reward model", initial=start - 1, total=num_steps):
         # 1. the next batch of the shuffled pairs (epoch after epoch); this process takes its share
         while len(order) < args.batch_size:
             order += rng.sample(range(len(train)), len(train))
         batch, order = [train[j] for j in order[:args.batch_size][rank::world_size]], order[args.batch_size:]
         # 2. score chosen and rejected in one forward pass, right-padded: (2B, T), chosen rows first,
-        # each score read at the sequence's last real token, its EOS
-        ids, mask = common.pad([e["chosen_ids"] for e in batch] + [e["rejected_ids"] for e in batch],
-                               pad_id, side="right")
-        with common.autocast(device):
-            scores = common.last_token_scores(model, ids.to(device), mask.to(device))  # (2B,)
-        chosen, rejected = scores[:len(batch)], scores[len(batch):]
-        # 3. the loss, with each pair's required margin (a row without a margin column gets 0: plain Bradley-Terry)
-        margin = torch.tensor([float(e.get("margin", 0.0)) for e in batch], device=device)
-        loss = bradley_terry_loss(chosen, rejected, margin, args.center_rewards_coef)
-        optimizer.zero_grad()
-        loss.backward()
+        # each score read at the sequence's last real token, its EOS; in micro-batches of pairs, whose gradients add up
+        margins, train_loss = [], 0.0
+        for first in range(0, len(batch), micro_batch_size):
+            part = batch[first:first + micro_batch_size]
+            ids, mask = common.pad([e["chosen_ids"] for e in part] + [e["rejected_ids"] for e in part],
+                                   pad_id, side="right")
+            with common.grad_sync(model, sync=first + micro_batch_size >= len(batch)):
+                with common.autocast(device):
+                    scores = common.last_token_scores(model, ids.to(device), mask.to(device))  # (2B,)
+                chosen, rejected = scores[:len(part)], scores[len(part):]
+                # 3. the loss, with each pair's required margin (a row without a margin column gets 0: plain
+                # Bradley-Terry), a mean over the pairs of the whole batch
+                margin = torch.tensor([float(e.get("margin", 0.0)) for e in part], device=device)
+                loss = bradley_terry_loss(chosen, rejected, margin, args.center_rewards_coef, len(batch))
+                run.check_finite(step, loss=loss)
+                loss.backward()
+            margins.append((chosen - rejected).detach())
+            train_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        run.check_finite(step, loss=loss, grad_norm=grad_norm)
+        run.check_finite(step, grad_norm=grad_norm)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if step % args.eval_every == 0 or step == num_steps:
-            margins = common.gather((chosen - rejected).detach())  # of the whole batch, every process's share
-            eval_chosen, eval_rejected = score_pairs(model, test, pad_id, 2 * args.batch_size, device)
+            margins = common.gather(torch.cat(margins))  # of the whole batch, every process's share
+            eval_chosen, eval_rejected = score_pairs(model, test, pad_id, 2 * eval_pairs, device)
             run.log({"episode": step * args.batch_size, "epoch": step * args.batch_size / len(train),
-                     "loss/train": loss.item(), "accuracy/train": pairwise_accuracy(margins),
+                     "loss/train": train_loss, "accuracy/train": pairwise_accuracy(margins),
                      "margin/train": margins.mean().item(), "accuracy/eval": pairwise_accuracy(eval_chosen - eval_rejected),
                      "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}, step)
         if step % args.save_every == 0 and step < num_steps:
@@ -323,14 +343,14 @@ if __name__ == "__main__":
     # ---- normalization (N+ detail): shift scores so that SFT demonstrations score 0 on average ----
     # (the scores are gathered, so the mean and the shifted weights are the same in every process)
     classifier = common.unwrap(model).classifier
-    demo_score_mean = score_sequences(model, demos, pad_id, 2 * args.batch_size, device).mean().item()
+    demo_score_mean = score_sequences(model, demos, pad_id, 2 * eval_pairs, device).mean().item()
     centered = shift_scores(classifier, demo_score_mean)
     if not centered:
         print(f"note: {type(classifier).__name__} has no bias after its final normalization (an RMSNorm, say) to "
               f"shift: its scores keep their demonstration mean {demo_score_mean:.3f}")
 
     # ---- evaluation on held-out pairs: accuracy, length correlation, and on toy the gold reward ----
-    chosen, rejected = score_pairs(model, test, pad_id, 2 * args.batch_size, device)
+    chosen, rejected = score_pairs(model, test, pad_id, 2 * eval_pairs, device)
     chosen_len = torch.tensor([e["chosen_len"] for e in test])
     rejected_len = torch.tensor([e["rejected_len"] for e in test])
     scores, lengths = torch.cat([chosen, rejected]), torch.cat([chosen_len, rejected_len]).float()

@@ -10,6 +10,7 @@ plus the initial model only to sample from it or for the optional KL penalty.
     python rrhf.py --rrhf_data data.jsonl --reward gold  # ready-made {query, responses, scores} rows
 """
 
+import itertools
 import json
 import os
 import random
@@ -55,8 +56,13 @@ class Args:
     total_queries: int = 512
     """queries to train on, each with all of its candidate responses"""
     queries_per_step: int = 16
-    """queries per optimizer step, over all processes (each takes an equal share); a process's
-    candidates go through one forward pass"""
+    """queries per optimizer step, over all processes (each takes an equal share)"""
+    micro_batch_size: int | None = None
+    """queries of one forward/backward pass on one process, each with all its candidates (RRHF ranks a query's
+    candidates against each other): gradients accumulate over the step's micro-batches, and reward and evaluation
+    passes run in chunks of as many rows (memory, not results); None: all of the process's queries"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in the backward pass instead of keeping them (less memory, more compute)"""
     num_samples: int = 8
     """k: responses sampled per query from each of the `online` and `initial` sources"""
     # The default is the paper's main setting; `online` without --kl_coef hacks a learned reward.
@@ -68,6 +74,8 @@ class Args:
     """sampling temperature for candidates and for the evaluation"""
     max_new_tokens: int = 48
     """length limit of sampled responses (and of dataset responses, which are cut to it)"""
+    max_prompt_length: int = 512
+    """prompts longer than this many tokens lose their start (also cut to fit the model's positions)"""
     learning_rate: float = 1e-3
     """peak learning rate, decayed linearly to 0"""
     length_power: float = 1.0
@@ -92,7 +100,7 @@ def check_args(args: Args) -> None:
     """fail() with a one-line error on a flag out of its range, before anything is loaded."""
     common.check_args(args, positive=("target_length", "total_queries", "queries_per_step", "num_samples",
                                       "refresh_every", "temperature", "max_new_tokens", "learning_rate", "eval_rows",
-                                      "eval_batch_size", "save_every"),
+                                      "eval_batch_size", "save_every", "micro_batch_size", "max_prompt_length"),
                       nonnegative=("length_power", "rank_coef", "kl_coef"))
     if args.total_queries < args.queries_per_step:
         common.fail(f"--total_queries {args.total_queries} must be at least --queries_per_step {args.queries_per_step}")
@@ -123,26 +131,28 @@ def ranked_pairs(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return both & (rewards[:, :, None] < rewards[:, None, :])
 
 
-def rank_loss(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def rank_loss(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """RRHF's ranking loss (paper Eq. 2), L_rank = sum over pairs with r_i < r_j of max(0, p_i - p_j),
     summed over the pairs of a query and averaged over the queries of every process (the released
     code takes one query per device and averages over devices: the same loss).
 
-    scores, rewards (Q, K), valid (Q, K) bool -> scalar."""
+    scores, rewards (Q, K), valid (Q, K) bool -> scalar. For a micro-batch of queries, `count` is the number of the
+    process's queries: the micro-batches' losses then add up."""
     hinge = (scores[:, :, None] - scores[:, None, :]).clamp(min=0)  # [q, i, j] = max(0, p_i - p_j)
     per_query = (hinge * ranked_pairs(rewards, valid)).sum((1, 2))
-    return common.masked_mean(per_query, torch.ones_like(per_query))
+    return common.masked_mean(per_query, torch.ones_like(per_query), count)
 
 
-def finetune_loss(sum_logprobs: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def finetune_loss(sum_logprobs: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor,
+                  count: int | None = None) -> torch.Tensor:
     """RRHF's fine-tuning loss (paper Eq. 3), L_ft = -sum_t log pi(y_best,t | x, y_best,<t) with
     best = argmax_i r_i, averaged over the queries of every process. (The released code takes a
     per-token mean instead.)
 
-    sum_logprobs, rewards (Q, K), valid (Q, K) bool -> scalar."""
+    sum_logprobs, rewards (Q, K), valid (Q, K) bool -> scalar; `count` as in rank_loss."""
     best = rewards.masked_fill(~valid, float("-inf")).argmax(-1, keepdim=True)
     per_query = -sum_logprobs.gather(1, best).squeeze(1)
-    return common.masked_mean(per_query, torch.ones_like(per_query))
+    return common.masked_mean(per_query, torch.ones_like(per_query), count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +228,8 @@ if __name__ == "__main__":
     if args.queries_per_step % world_size:
         common.fail(f"--queries_per_step {args.queries_per_step} must be divisible by the {world_size} processes")
     num_steps = args.total_queries // args.queries_per_step
+    local_queries = args.queries_per_step // world_size  # this process's share of each step's queries
+    micro_batch_size = min(args.micro_batch_size or local_queries, local_queries)  # queries per forward pass
     toy = args.dataset_name == common.TOY
 
     # ---- data and models: the policy, a reward, the initial model (to sample from, or for the KL) ----
@@ -234,19 +246,20 @@ if __name__ == "__main__":
     if not sampled and not all(given):
         common.fail(f"{sum(not g for g in given)} training rows have no demonstration to rank: add online or "
                     "initial to --sources, or use a dataset with completions")
-    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device)
+    policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device,
+                               gradient_checkpointing=args.gradient_checkpointing)
     # prompts are cut from the left so that prompt + response fit the model's positions
-    max_prompt_tokens = common.max_positions(policy) - args.max_new_tokens
+    max_prompt_tokens = min(args.max_prompt_length, common.max_positions(policy) - args.max_new_tokens)
     train_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in train_rows], max_prompt_tokens)
     test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
     ref_policy = None  # needed during training only to sample from or for the KL term
     if "initial" in sources or args.kl_coef:
-        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
     if args.reward == "model":
         rm_hint = "run `python reward_model.py` first or pass --reward_model_path"
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, rm_hint)
-        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", rm_hint))
-        reward_model = reward_model.to(device).requires_grad_(False)
+        reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", rm_hint,
+                                                            device, frozen=True))
         same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
     num_models = 1 + (ref_policy is not None) + (args.reward == "model")  # held during training
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -284,7 +297,7 @@ if __name__ == "__main__":
     def evaluate(step: int, reference) -> tuple[dict, list[dict]]:
         metrics, samples = common.evaluate(policy, reference, tokenizer, [r["prompt"] for r in test_rows], test_queries,
                                            get_scores, args.max_new_tokens, args.temperature,
-                                           batch_size=args.eval_batch_size)
+                                           batch_size=args.eval_batch_size, micro_batch_size=args.micro_batch_size)
         if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
             metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
@@ -309,6 +322,7 @@ if __name__ == "__main__":
                 pending.append([(i, list(given[i])) for i in share])
             order = order[n_steps * args.queries_per_step:]
             coming = [query for share in pending for query in share]
+            policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
             for source in sampled:
                 new = sample(policy if source == "online" else ref_policy, tokenizer, [train_queries[i] for i, _ in coming],
                              args.num_samples, args.max_new_tokens, args.temperature, device)
@@ -326,36 +340,51 @@ if __name__ == "__main__":
         # A response cut at max_new_tokens without EOS is scored like any other: its reward is
         # whatever the reward gives it (the reward model reads its last token).
         if todo:
-            flat_rewards[todo] = get_scores([train_rows[flat[n][0]]["prompt"] for n in todo], queries[todo],
-                                            query_mask[todo], responses[todo], response_mask[todo]).float()
+            flat_rewards[todo] = common.in_chunks(
+                get_scores, args.micro_batch_size or len(todo), [train_rows[flat[n][0]]["prompt"] for n in todo],
+                queries[todo], query_mask[todo], responses[todo], response_mask[todo]).float()
         valid = torch.tensor([[j < len(candidates) for j in range(max(len(c) for _, c in batch))]
                               for _, candidates in batch], device=device)  # (Q, K)
         rewards = torch.zeros(valid.shape, device=device).masked_scatter(valid, flat_rewards)
         t2 = time.time()
 
-        # ---- 3. the RRHF loss over all candidates of this process's queries, in one forward pass ----
+        # ---- 3. the RRHF loss over all candidates of this process's queries, in micro-batches of queries (each
+        # with all its candidates, which it ranks against each other) whose gradients add up ----
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        with common.autocast(device):
-            logprobs, _ = common.response_logprobs(policy, ids, mask, queries.shape[1])  # (N, R)
-        zeros = torch.zeros(valid.shape, device=device)
-        scores = zeros.masked_scatter(valid, sequence_scores(logprobs, response_mask, args.length_power))  # p_i
-        sum_logprobs = zeros.masked_scatter(valid, sequence_scores(logprobs, response_mask, 0.0))  # (Q, K)
-        ranking_rewards, kl = rewards, None
-        # With --kl_coef, rank by r - beta * log(pi(y) / pi_ref(y)), PPO's sequence-level KL penalty
-        # (a KL estimate on the policy's own samples; on others it still favors what pi_ref likes).
-        if args.kl_coef:
-            with torch.no_grad(), common.autocast(device):
-                ref_logprobs, _ = common.response_logprobs(ref_policy, ids, mask, queries.shape[1])
-            kl = zeros.masked_scatter(valid, ((logprobs.detach() - ref_logprobs) * response_mask).sum(-1))
-            ranking_rewards = rewards - args.kl_coef * kl
-        loss_rank = rank_loss(scores, ranking_rewards, valid)
-        loss_ft = finetune_loss(sum_logprobs, ranking_rewards, valid)
-        loss = args.rank_coef * loss_rank + loss_ft
-        optimizer.zero_grad()
-        loss.backward()
+        scores = torch.zeros(valid.shape, device=device)  # p_i of every candidate (Q, K), for logging
+        kl = torch.zeros(valid.shape, device=device) if args.kl_coef else None
+        ends = list(itertools.accumulate(len(candidates) for _, candidates in batch))  # query q's candidates end here
+        loss_rank = loss_ft = loss_total = 0.0
+        policy.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
+        for first in range(0, len(batch), micro_batch_size):
+            q = slice(first, first + micro_batch_size)  # these queries, and their candidates n of the N
+            n = slice(ends[first - 1] if first else 0, ends[min(first + micro_batch_size, len(batch)) - 1])
+            with common.grad_sync(policy, sync=first + micro_batch_size >= len(batch)):
+                with common.autocast(device):
+                    logprobs = common.response_logprobs(policy, ids[n], mask[n], queries.shape[1])  # (n, R)
+                zeros = torch.zeros(valid[q].shape, device=device)
+                mb_scores = zeros.masked_scatter(valid[q], sequence_scores(logprobs, response_mask[n], args.length_power))
+                sum_logprobs = zeros.masked_scatter(valid[q], sequence_scores(logprobs, response_mask[n], 0.0))  # (q, K)
+                mb_rewards = rewards[q]
+                # With --kl_coef, rank by r - beta * log(pi(y) / pi_ref(y)), PPO's sequence-level KL penalty
+                # (a KL estimate on the policy's own samples; on others it still favors what pi_ref likes).
+                if args.kl_coef:
+                    with torch.no_grad(), common.autocast(device):
+                        ref_logprobs = common.response_logprobs(ref_policy, ids[n], mask[n], queries.shape[1])
+                    kl[q] = zeros.masked_scatter(valid[q], ((logprobs.detach() - ref_logprobs) * response_mask[n]).sum(-1))
+                    mb_rewards = rewards[q] - args.kl_coef * kl[q]
+                mb_rank = rank_loss(mb_scores, mb_rewards, valid[q], len(batch))
+                mb_ft = finetune_loss(sum_logprobs, mb_rewards, valid[q], len(batch))
+                loss = args.rank_coef * mb_rank + mb_ft
+                run.check_finite(step, loss=loss)
+                loss.backward()
+            scores[q] = mb_scores.detach()
+            loss_rank, loss_ft, loss_total = loss_rank + mb_rank.item(), loss_ft + mb_ft.item(), loss_total + loss.item()
+        ranking_rewards = rewards - args.kl_coef * kl if args.kl_coef else rewards
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        run.check_finite(step, loss=loss, grad_norm=grad_norm)
+        run.check_finite(step, grad_norm=grad_norm)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradients held through the next sampling
         scheduler.step()
         t3 = time.time()
 
@@ -366,8 +395,8 @@ if __name__ == "__main__":
         lengths = common.response_length(responses, response_mask, common.stop_ids(tokenizer)).float()
         ended = (torch.isin(responses, torch.tensor(common.stop_ids(tokenizer), device=responses.device))
                  & (response_mask == 1)).any(-1).float()
-        metrics = {"episode": step * args.queries_per_step, "loss/rank": loss_rank.item(), "loss/ft": loss_ft.item(),
-                   "loss/total": loss.item(),
+        metrics = {"episode": step * args.queries_per_step, "loss/rank": loss_rank, "loss/ft": loss_ft,
+                   "loss/total": loss_total,
                    "rank/accuracy": common.masked_mean((scores[:, :, None] < scores[:, None, :]).float(), pairs).item(),
                    "objective/scores": common.masked_mean(rewards, valid).item(),
                    "objective/rlhf_reward": common.masked_mean(ranking_rewards, valid).item(),
@@ -393,7 +422,7 @@ if __name__ == "__main__":
 
     # ---- 5. evaluation on held-out prompts, with the same keys as ppo.py, and saving ----
     if ref_policy is None:  # the KL to the initial model needs it, though training did not
-        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint).to(device).requires_grad_(False)
+        ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
     summary, samples = evaluate(num_steps, ref_policy)
     if rank == 0:
         for s in samples[:3]:

@@ -42,6 +42,11 @@ class Args:
     """passes over the training data"""
     batch_size: int = 64
     """sequences per optimizer step, over all processes (each takes an equal share)"""
+    micro_batch_size: int | None = None
+    """sequences of one forward/backward pass on one process: gradients accumulate over the batch's micro-batches,
+    and the held-out loss runs in chunks of it (memory, not results); None: the whole batch"""
+    gradient_checkpointing: bool = False
+    """recompute the activations in the backward pass instead of keeping them (less memory, more compute)"""
     max_length: int = 128
     """prompt + completion tokens (at most the model's positions); longer examples are left out"""
     max_train_rows: int | None = None
@@ -82,13 +87,14 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, mask, labels
 
 
-def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def completion_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over completion tokens (of every process's batch). logits
-    (B, T, V), labels (B, T) with -100 on prompt and padding. The logit at t predicts the token at t+1."""
+    (B, T, V), labels (B, T) with -100 on prompt and padding. The logit at t predicts the token at t+1.
+    For a micro-batch, `count` is the batch's number of completion tokens: the micro-batches' losses add up."""
     labels = labels[:, 1:]
     losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100,
                                                reduction="none")
-    return common.masked_mean(losses, labels != -100)
+    return common.masked_mean(losses, labels != -100, count)
 
 
 @torch.no_grad()
@@ -108,7 +114,8 @@ def eval_loss(model, examples, pad_id, batch_size, device) -> float:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
-                                      "eval_rows", "max_new_tokens", "save_every", "max_train_rows"))
+                                      "eval_rows", "max_new_tokens", "save_every", "max_train_rows",
+                                      "micro_batch_size"))
     device, rank, world_size = common.setup(args)
     if args.batch_size % world_size:
         common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
@@ -116,7 +123,8 @@ if __name__ == "__main__":
     train_rows, test_rows = common.load_data(args.dataset_name, "sft", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split,
                                              args.eval_rows, args.max_train_rows)
-    model = common.load_model(args.model_name_or_path, tokenizer).to(device)
+    model = common.load_model(args.model_name_or_path, tokenizer, device=device,
+                              gradient_checkpointing=args.gradient_checkpointing)
     max_length = min(args.max_length, common.max_positions(model))
     # the final samples: prompts cut from the left so that prompt + response fit the model's positions
     test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows],
@@ -126,6 +134,9 @@ if __name__ == "__main__":
         common.fail(f"{len(train)} training examples cannot be shared by {world_size} processes")
     steps_per_epoch = max(1, len(train) // args.batch_size)  # full batches only (a last partial one is left out)
     num_steps = args.num_epochs * steps_per_epoch
+    local_batch_size = args.batch_size // world_size  # this process's share of each batch
+    micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)  # rows per forward pass
+    eval_batch_size = args.micro_batch_size or args.batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
     model = common.ddp(model, device)
@@ -139,6 +150,7 @@ if __name__ == "__main__":
 
     # ---- training: next-token loss on completion tokens ----
     test_shard = test[rank::world_size]
+    model.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
     for step in common.progress(range(start, num_steps + 1), desc="sft", initial=start - 1, total=num_steps):
         i = (step - 1) % steps_per_epoch
         if i == 0:  # a new epoch: a new order of the examples
@@ -146,23 +158,30 @@ if __name__ == "__main__":
             rng.shuffle(order)
         batch = order[i * args.batch_size:(i + 1) * args.batch_size][rank::world_size]  # this process's share
         ids, mask, labels = (t.to(device) for t in collate([train[j] for j in batch], tokenizer.pad_token_id))
-        with common.autocast(device):
-            loss = completion_loss(common.forward(model, ids, mask).logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
+        count, train_loss = (labels[:, 1:] != -100).sum(), 0.0  # the loss is a mean over the batch's tokens
+        for first in range(0, len(ids), micro_batch_size):  # micro-batches, whose gradients add up
+            rows = slice(first, first + micro_batch_size)
+            with common.grad_sync(model, sync=first + micro_batch_size >= len(ids)):
+                with common.autocast(device):
+                    loss = completion_loss(common.forward(model, ids[rows], mask[rows]).logits, labels[rows], count)
+                run.check_finite(step, loss=loss)
+                loss.backward()
+            train_loss += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        run.check_finite(step, loss=loss, grad_norm=grad_norm)
+        run.check_finite(step, grad_norm=grad_norm)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if step % args.eval_every == 0 or step == num_steps:
-            run.log({"episode": step * args.batch_size, "epoch": (step - 1) // steps_per_epoch, "loss/train": loss.item(),
-                     "loss/eval": eval_loss(model, test_shard, tokenizer.pad_token_id, args.batch_size, device),
+            run.log({"episode": step * args.batch_size, "epoch": (step - 1) // steps_per_epoch, "loss/train": train_loss,
+                     "loss/eval": eval_loss(model, test_shard, tokenizer.pad_token_id, eval_batch_size, device),
                      "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}, step)
         if step % args.save_every == 0 and step < num_steps:
             run.save(step, rng=rng, order=order)
 
     # ---- evaluation: held-out loss, and sampled completions scored by the toy gold reward ----
-    summary = {"eval_loss": eval_loss(model, test_shard, tokenizer.pad_token_id, args.batch_size, device)}
+    summary = {"eval_loss": eval_loss(model, test_shard, tokenizer.pad_token_id, eval_batch_size, device)}
+    model.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
     queries, query_mask = common.pad(test_queries, tokenizer.pad_token_id, side="left")
     with common.autocast(device):
         responses, response_mask, ended, _ = common.generate(model, queries.to(device), query_mask.to(device),

@@ -74,12 +74,32 @@ def results() -> dict:
     q = queries.shape[1]
 
     def ppo_loss(policy, value_model):
-        logprobs, _ = common.response_logprobs(policy, ids, mask, q)
+        logprobs = common.response_logprobs(policy, ids, mask, q)
         pg_loss, _ = ppo.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, 0.2)
         vf_loss, _ = ppo.ppo_value_loss(value_model(ids, mask)[:, q - 1:-1], old_values, returns, response_mask, 0.2)
         return pg_loss + 0.1 * vf_loss
 
     out["ppo"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))], ppo_loss)
+
+    def ppo_loss_in_micro_batches(policy, value_model):
+        """The same loss in micro-batches of 3 rows (3 + 1 on each of 2 ranks, 3 + 3 + 2 in one process), each a
+        share of the whole batch's token mean; every micro-batch but the last backward here, without DDP's sync."""
+        count, firsts = response_mask.sum(), range(0, len(ids), 3)
+        for first in firsts:
+            rows = slice(first, first + 3)
+            with common.grad_sync(policy, value_model, sync=first == firsts[-1]):
+                logprobs = common.response_logprobs(policy, ids[rows], mask[rows], q)
+                pg_loss, _ = ppo.ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], response_mask[rows],
+                                                 0.2, count)
+                vf_loss, _ = ppo.ppo_value_loss(value_model(ids[rows], mask[rows])[:, q - 1:-1], old_values[rows],
+                                                returns[rows], response_mask[rows], 0.2, count)
+                loss = pg_loss + 0.1 * vf_loss
+                if first != firsts[-1]:
+                    loss.backward()
+        return loss
+
+    out["ppo_micro"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))],
+                                ppo_loss_in_micro_batches)
     # global statistics: whitening, the masked mean, gathering
     out["whiten"] = common.gather(ppo.masked_whiten(advantages, response_mask))
     out["whiten_rewards"] = common.gather(ppo.masked_whiten(returns, response_mask, shift_mean=False))

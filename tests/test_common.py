@@ -114,8 +114,8 @@ def test_left_padded_logprobs_equal_each_row_alone(arch: str, tok) -> None:
     responses, response_mask = common.pad(completions, tok.pad_token_id, "right")
     ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
     with torch.no_grad():
-        logprobs, logits = common.response_logprobs(model, ids, mask, queries.shape[1], temperature)
-    assert logprobs.shape == responses.shape and logits.shape == (*responses.shape, len(tok))
+        logprobs = common.response_logprobs(model, ids, mask, queries.shape[1], temperature)
+    assert logprobs.shape == responses.shape
     for i, (prompt, _) in enumerate(REVIEWS):
         prompt_ids = common.encode_prompt(tok, prompt)
         expected = logprobs_alone(model, prompt_ids + completions[i], len(prompt_ids), temperature)
@@ -186,7 +186,8 @@ def test_truncate_after_eos_and_response_length() -> None:
     assert lengths.tolist() == [1, 4, 0, 3]
 
 
-def test_generate_pads_after_eos_and_its_logits_give_the_forward_logprobs(tok) -> None:
+@pytest.mark.parametrize("temperature", [0.9, 1.0])
+def test_generate_pads_after_eos_and_its_logprobs_are_the_forward_logprobs(tok, temperature: float) -> None:
     model = tiny_lm("gpt2", tok)
     # Make EOS likely (about 1 in 10 per token) so that some rows end and some hit the limit.
     model.lm_head.register_forward_hook(lambda module, inputs, out: out + 2.3 * torch.nn.functional.one_hot(
@@ -194,20 +195,20 @@ def test_generate_pads_after_eos_and_its_logits_give_the_forward_logprobs(tok) -
     prompts = [p for p, _ in REVIEWS] * 4
     queries, query_mask = left_padded_queries(tok, prompts)
     torch.manual_seed(0)
-    max_new_tokens, temperature = 16, 0.9
-    responses, response_mask, ended, gen_logits = common.generate(model, queries, query_mask, tok,
-                                                                  max_new_tokens, temperature)
-    assert responses.shape[1] <= max_new_tokens and gen_logits.shape == (*responses.shape, len(tok))
+    max_new_tokens = 16
+    responses, response_mask, ended, gen_logprobs = common.generate(model, queries, query_mask, tok,
+                                                                    max_new_tokens, temperature)
+    assert responses.shape[1] <= max_new_tokens and gen_logprobs.shape == responses.shape
     assert ended.any() and not ended.all()
     for i, row in enumerate(responses.tolist()):
         mask, has_eos = naive_response_mask(row, tok.eos_token_id)
         assert response_mask[i].tolist() == mask and bool(ended[i]) == has_eos
         assert all(token == tok.pad_token_id for token, m in zip(row, mask) if m == 0)
-    # Old log-probs can be read from the generation's own logits: they equal a forward pass's.
+    # Old log-probs read from the generation's own logits, step by step, equal a forward pass's (at a temperature
+    # other than 1 too: the logits are read before transformers' own temperature, and divided once).
     ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
     with torch.no_grad():
-        forward_logprobs, _ = common.response_logprobs(model, ids, mask, queries.shape[1], temperature)
-    gen_logprobs = common.logprobs_from_logits(gen_logits, responses, temperature)
+        forward_logprobs = common.response_logprobs(model, ids, mask, queries.shape[1], temperature)
     assert torch.allclose(gen_logprobs * response_mask, forward_logprobs * response_mask, atol=1e-4)
 
 

@@ -58,7 +58,7 @@ def score(model, tokenizer, queries: list[str], responses: list[str]) -> torch.T
     """RRHF scores p_i of query + response texts, all in one padded batch."""
     q, q_mask, r, r_mask = pack([common.encode_prompt(tokenizer, p) for p in queries],
                                 [common.encode_completion(tokenizer, c) for c in responses], tokenizer.pad_token_id)
-    logprobs, _ = common.response_logprobs(model, torch.cat([q, r], 1), torch.cat([q_mask, r_mask], 1), q.shape[1])
+    logprobs = common.response_logprobs(model, torch.cat([q, r], 1), torch.cat([q_mask, r_mask], 1), q.shape[1])
     return sequence_scores(logprobs, r_mask)
 
 
