@@ -233,7 +233,10 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
     if frozen:
         model.requires_grad_(False).eval()
     if gradient_checkpointing:  # non-reentrant: gradients reach the weights even when the inputs need none
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -461,8 +464,9 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Model forward with mask-derived position ids; returns the model output."""
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+    """Model forward with mask-derived position ids, and no KV cache (a training or scoring pass has no next token);
+    returns the model output."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -553,7 +557,8 @@ class TokenScores(torch.nn.Module):
         self.classifier = classifier
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.classifier.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+        hidden = self.classifier.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                            use_cache=False)
         return self.classifier.score(hidden.last_hidden_state).squeeze(-1).float()
 
 

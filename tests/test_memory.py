@@ -55,12 +55,16 @@ def test_micro_batches_change_memory_not_results(script, sft_model, reward_model
     for a, b in zip(whole, micro):
         for k, v in a.items():
             if isinstance(v, float) and not k.startswith("time") and k not in ("eps", "tokens_per_second"):
-                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
-    start = (sft_model / "model.safetensors") if script != "sft.py" else None
+                # a clip fraction counts ties (a value at its old value on the first epoch) that rounding can
+                # tip either way: a few tokens of a thousand; every other statistic agrees to rounding
+                tolerance = {"abs": 0.01} if "clipfrac" in k else {"rel": 1e-4, "abs": 1e-5}
+                assert b[k] == pytest.approx(v, **tolerance), k
+    # the trained weights differ by rounding only: by a small fraction of how far training moved them
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "micro")
+    start = weights(sft_model) if script != "sft.py" else {}
     for name in a:
-        moved = (a[name] - load_file(start)[name]).abs().max() if start and name in load_file(start) else 1.0
-        assert (a[name] - b[name]).abs().max() <= 1e-3 * max(moved, 1e-3), name  # differences: rounding only
+        moved = (a[name] - start[name]).abs().max().item() if name in start else a[name].abs().max().item()
+        assert (a[name] - b[name]).abs().max().item() <= 0.01 * moved + 1e-7, name
 
 
 def test_micro_batch_size_and_max_prompt_length_in_args_and_errors(sft_model, tmp_path):
@@ -76,17 +80,18 @@ def test_micro_batch_size_and_max_prompt_length_in_args_and_errors(sft_model, tm
 
 
 def count_block_passes(monkeypatch) -> dict:
-    """Count GPT-2 decoder-block forward calls: with gradients (training passes, and their recomputation under
-    checkpointing) and, without gradients, those over one new token (generation reusing its KV cache)."""
+    """Count the passes through GPT-2 decoder blocks (through their MLP, which a block's checkpointed forward calls
+    again in the backward pass): with gradients (training passes, and their recomputation under checkpointing) and,
+    without gradients, those over one new token (generation reusing its KV cache)."""
     counts = {"grad": 0, "cached": 0}
-    forward = transformers.models.gpt2.modeling_gpt2.GPT2Block.forward
+    forward = transformers.models.gpt2.modeling_gpt2.GPT2MLP.forward
 
     def counted(self, hidden_states, *args, **kwargs):
         counts["grad"] += torch.is_grad_enabled()
         counts["cached"] += not torch.is_grad_enabled() and hidden_states.shape[1] == 1
         return forward(self, hidden_states, *args, **kwargs)
 
-    monkeypatch.setattr(transformers.models.gpt2.modeling_gpt2.GPT2Block, "forward", counted)
+    monkeypatch.setattr(transformers.models.gpt2.modeling_gpt2.GPT2MLP, "forward", counted)
     return counts
 
 
