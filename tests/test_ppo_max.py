@@ -85,7 +85,12 @@ def test_ptx_loss_is_mean_cross_entropy_of_completion_tokens():
     tokenizer = common.toy_tokenizer()
     model = common.toy_model(tokenizer).eval()
     rows = [{"prompt": "the plot was", "completion": "very good ."}, {"prompt": "i", "completion": "loved it . it was fun ."}]
-    loss = ppo_max.ptx_loss(model, rows, tokenizer, torch.device("cpu"))
+    ids, mask, targets = ppo_max.ptx_batch(rows, tokenizer, torch.device("cpu"))
+    loss = ppo_max.ptx_loss(model, ids, mask, targets)
+    # in micro-batches of one row, each a share of the whole batch's token mean, the losses add up to it
+    count = targets[:, 1:].sum()
+    halves = sum(ppo_max.ptx_loss(model, ids[i:i + 1], mask[i:i + 1], targets[i:i + 1], count) for i in range(2))
+    assert halves.item() == pytest.approx(loss.item(), rel=1e-6)
     total, count = 0.0, 0
     for row in rows:  # one unpadded sequence at a time; score only the completion and its EOS
         prompt = common.encode_prompt(tokenizer, row["prompt"])
