@@ -661,10 +661,25 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+_peak_cuda = 0  # the highest peak seen before a phase_peak reset
+
+
+def phase_peak(device: torch.device, phase: str) -> dict:
+    """{"memory/<phase>_gb": the peak GPU memory allocated since the last call}, and a reset, on CUDA; {} on a CPU,
+    where the peak resident memory cannot be reset."""
+    global _peak_cuda
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device)
+    _peak_cuda = max(_peak_cuda, peak)
+    torch.cuda.reset_peak_memory_stats(device)
+    return {f"memory/{phase}_gb": round(peak / 2**30, 3)}
+
+
 def peak_memory_mb() -> float:
     """Peak GPU memory allocated on CUDA, else the process's peak resident memory (Linux: KiB)."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+        return max(_peak_cuda, torch.cuda.max_memory_allocated()) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

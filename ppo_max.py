@@ -416,6 +416,7 @@ if __name__ == "__main__":
         warmup = iteration < 0  # PPO-max
         # ---- 1. rollout: sample a response to each prompt of this process's share of the batch ----
         t0 = time.time()
+        common.phase_peak(device, "idle")  # on CUDA, each phase's peak GPU memory is logged from here
         while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
         batch, order = order[:args.batch_size][rank::world_size], order[args.batch_size:]
@@ -431,7 +432,7 @@ if __name__ == "__main__":
             if args.omit_long:
                 queries, query_mask, responses, response_mask, ended, logprobs, prompts = omit_long(
                     ended, queries, query_mask, responses, response_mask, ended, logprobs, prompts)
-            t1 = time.time()
+            t1, memory = time.time(), common.phase_peak(device, "generation")
 
             # ---- 2. score the responses; reference log-probs and values of the rollout (in micro-batches) ----
             scores = common.in_chunks(get_scores, micro_batch_size, prompts, queries, query_mask, responses,
@@ -456,7 +457,7 @@ if __name__ == "__main__":
             scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
         response_mask = response_mask.float()
         logprobs, ref_logprobs, values = (x.float() * response_mask for x in (logprobs, ref_logprobs, values))
-        t2 = time.time()
+        t2, memory = time.time(), memory | common.phase_peak(device, "scoring")
 
         # ---- 3. per-token rewards with the KL penalty, GAE advantages, the adaptive KL update ----
         kl_coef = kl_ctl.value
@@ -512,7 +513,7 @@ if __name__ == "__main__":
                 stats.append(mb_stats)
         if not warmup:  # PPO-max: the learning-rate schedule counts policy iterations only
             scheduler.step()
-        t3 = time.time()
+        t3, memory = time.time(), memory | common.phase_peak(device, "training")
 
         # ---- 5. logging (averaged over processes), evaluation, checkpoint ----
         metrics = {
@@ -527,7 +528,7 @@ if __name__ == "__main__":
             "lr": scheduler.get_last_lr()[0],
             "response/length": lengths.mean().item(),
             "response/eos_rate": eos_rate,
-            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
+            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2, **memory,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
             "eps": local_batch_size / (t3 - t0),  # episodes per second (TRL's name), per process
             # PPO-max: pattern-collapse monitors, and the running score statistics

@@ -309,6 +309,7 @@ if __name__ == "__main__":
     for iteration in common.progress(range(start, num_iterations + 1), desc="rcfd", initial=start - 1, total=num_iterations):
         # ---- 1. rollout: sample a response to each prompt of this process's share of the batch ----
         t0 = time.time()
+        common.phase_peak(device, "idle")  # on CUDA, each phase's peak GPU memory is logged from here
         while len(order) < args.batch_size:  # epochs over the shuffled training prompts
             order += rng.sample(range(len(train_rows)), len(train_rows))
         global_batch, order = order[:args.batch_size], order[args.batch_size:]
@@ -320,7 +321,7 @@ if __name__ == "__main__":
             # The generation's own logits give the old log-probs, read step by step: no extra policy forward pass.
             responses, response_mask, ended, logprobs = common.generate(policy, queries, query_mask, tokenizer,
                                                                         args.max_new_tokens, args.temperature)
-            t1 = time.time()
+            t1, memory = time.time(), common.phase_peak(device, "generation")
 
             # ---- 2. score every component of the responses and of their demonstrations; reference log-probs ----
             scores = common.in_chunks(get_scores, micro_batch_size, prompts, queries, query_mask, responses,
@@ -338,7 +339,7 @@ if __name__ == "__main__":
         response_mask = response_mask.float()
         logprobs, ref_logprobs = (x.float() * response_mask for x in (logprobs, ref_logprobs))
         kl = (logprobs - ref_logprobs).sum(-1)  # (B,) k1 estimator of KL(pi || pi_ref) per sequence
-        t2 = time.time()
+        t2, memory = time.time(), memory | common.phase_peak(device, "scoring")
 
         # ---- 3. calibrated reward, EOS trick, KL penalty; whitened over the whole batch, the advantage ----
         rewards = calibrated_reward(scores, demo_scores)  # (B,)
@@ -375,7 +376,7 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
                 stats.append(mb_stats)
         scheduler.step()
-        t3 = time.time()
+        t3, memory = time.time(), memory | common.phase_peak(device, "training")
 
         # ---- 5. logging (averaged over processes): the usual RL metrics, and how close the rewards
         # are to the demonstrations'; evaluation; checkpoint ----
@@ -396,7 +397,7 @@ if __name__ == "__main__":
             "lr": scheduler.get_last_lr()[0],
             "response/length": lengths.mean().item(),
             "response/eos_rate": ended.float().mean().item(),
-            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2,
+            "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2, **memory,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
             "eps": local_batch_size / (t3 - t0),  # episodes per second (TRL's name), per process
         }

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU path at small real scale, offline, on one GPU: a model of SmolLM-135M's architecture (its config is
 # written out below; random weights) over the toy world's tokenizer, its vocabulary padded with unused tokens to the
-# real 49,152 so that the output layer costs what it does in SmolLM; then sft.py, reward_model.py and $ITERS PPO
-# iterations of 64 prompts, all in bf16 autocast. It records generated tokens per second, seconds per PPO iteration
-# and each stage's peak GPU memory, and checks that the old log-probs that ppo.py reads from the generation's own
-# logits match a fresh forward pass within bf16 tolerance: mean gap under $MAX_GAP nats, and under $MAX_CLIPPED of
+# real 49,152 so that the output layer costs what it does in SmolLM, stored in bf16 as hub checkpoints are (the
+# scripts train fp32 master weights and save bf16 back); then sft.py, reward_model.py and $ITERS PPO iterations of 64
+# prompts, all in bf16 autocast, and a few PPO iterations more with --micro_batch_size 8 --gradient_checkpointing.
+# It records generated tokens per second, seconds per PPO iteration, each stage's peak GPU memory and each PPO
+# phase's (generation, scoring, training), and checks that the old log-probs that ppo.py reads from the generation's
+# own logits match a fresh forward pass within bf16 tolerance: mean gap under $MAX_GAP nats, and under $MAX_CLIPPED of
 # tokens with a ratio that PPO's clip (0.2) would cut before any update. A few minutes; results in $OUT/smoke.json.
 #
 #     bash benchmark/gpu_smoke.sh                  # one GPU
@@ -56,7 +58,7 @@ tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_t
 config = transformers.LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
 torch.manual_seed(0)
-model = transformers.AutoModelForCausalLM.from_config(config)
+model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)  # stored as hub models are
 model.save_pretrained(out)
 tokenizer.save_pretrained(out)
 print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}")
@@ -76,6 +78,9 @@ stage reward_model reward_model.py --model_name_or_path "$OUT/sft" --num_epochs 
 stage ppo ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model" --learning_rate 1e-5 \
     --total_episodes $((ITERS * BATCH)) --batch_size "$BATCH" --max_new_tokens "$NEW_TOKENS" --eval_every 10 \
     --eval_rows $((2 * BATCH))
+stage ppo_memory ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model" --learning_rate 1e-5 \
+    --total_episodes $((4 * BATCH)) --batch_size "$BATCH" --max_new_tokens "$NEW_TOKENS" --eval_rows $((2 * BATCH)) \
+    --micro_batch_size 8 --gradient_checkpointing
 
 # 3. old log-probs from generation against a fresh forward pass (bf16 autocast on CUDA, as in ppo.py), and the report
 python - "$OUT" "$DEVICE" "$BATCH" "$NEW_TOKENS" "$MAX_GAP" "$MAX_CLIPPED" <<'EOF'
@@ -91,18 +96,18 @@ import common
 out, device = Path(sys.argv[1]), torch.device(sys.argv[2])
 batch, new_tokens, max_gap, max_clipped = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
 tokenizer = common.load_tokenizer(str(out / "ppo"))
-policy = common.load_model(str(out / "ppo"), tokenizer).to(device).eval()
+policy = common.load_model(str(out / "ppo"), tokenizer, device=device).eval()
 _, rows = common.load_data("toy", "prompts", tokenizer, test_rows=batch)
 queries = common.encode_prompts(tokenizer, [r["prompt"] for r in rows], common.max_positions(policy) - new_tokens)
 query_ids, query_mask = (t.to(device) for t in common.pad(queries, tokenizer.pad_token_id, "left"))
 torch.manual_seed(0)
 with torch.no_grad():
     with common.autocast(device):
-        responses, response_mask, _, logits = common.generate(policy, query_ids, query_mask, tokenizer, new_tokens)
-        old = common.logprobs_from_logits(logits, responses)  # what ppo.py keeps as the old log-probs
+        # the old log-probs ppo.py keeps, read from the generation's logits
+        responses, response_mask, _, old = common.generate(policy, query_ids, query_mask, tokenizer, new_tokens)
         ids, mask = torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1)
-        new, _ = common.response_logprobs(policy, ids, mask, query_ids.shape[1])  # PPO's first forward pass
-    full, _ = common.response_logprobs(policy, ids, mask, query_ids.shape[1])  # full precision
+        new = common.response_logprobs(policy, ids, mask, query_ids.shape[1])  # PPO's first forward pass
+    full = common.response_logprobs(policy, ids, mask, query_ids.shape[1])  # full precision
 kept = response_mask.bool()
 gap, ratio = (new - old)[kept].abs(), (new - old)[kept].exp()
 check = {"tokens": int(kept.sum()), "mean_abs_gap": gap.mean().item(), "max_abs_gap": gap.max().item(),
@@ -111,7 +116,11 @@ check = {"tokens": int(kept.sum()), "mean_abs_gap": gap.mean().item(), "max_abs_
 
 lines = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
 iterations = [m for m in lines if "time/generation" in m][1:]  # the first pays for warm-up
-summaries = {stage: json.loads((out / stage / "summary.json").read_text()) for stage in ("sft", "reward_model", "ppo")}
+stages = ("sft", "reward_model", "ppo", "ppo_memory")
+summaries = {stage: json.loads((out / stage / "summary.json").read_text()) for stage in stages}
+memory_run = [json.loads(line) for line in (out / "ppo_memory" / "metrics.jsonl").read_text().splitlines()]
+memory_run = [m for m in memory_run if "time/generation" in m][1:]
+phases = ("generation", "scoring", "training")
 report = {
     "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
     "ppo_iterations": len(iterations) + 1, "batch_size": batch, "max_new_tokens": new_tokens,
@@ -119,8 +128,15 @@ report = {
     "seconds_per_iteration": statistics.median(m["time/generation"] + m["time/scoring"] + m["time/training"]
                                                for m in iterations),
     "seconds_per_stage": {k: statistics.median(m[f"time/{k}"] for m in iterations)
-                          for k in ("generation", "scoring", "training")},
+                          for k in phases},
     "peak_memory_mb": {stage: s["peak_memory_mb"] for stage, s in summaries.items()},
+    # each PPO phase's peak GPU memory (GB), without and with --micro_batch_size 8 --gradient_checkpointing
+    "ppo_phase_peak_gb": {k: max((m.get(f"memory/{k}_gb", 0.0) for m in iterations), default=0.0) for k in phases},
+    "ppo_memory_phase_peak_gb": {k: max((m.get(f"memory/{k}_gb", 0.0) for m in memory_run), default=0.0)
+                                 for k in phases},
+    "ppo_memory_seconds_per_stage": {k: statistics.median(m[f"time/{k}"] for m in memory_run) for k in phases},
+    "stored_dtype": {stage: json.loads((out / stage / "config.json").read_text()).get("dtype")
+                     for stage in ("base", "sft", "reward_model", "ppo")},
     "wall_time_s": {stage: s["wall_time"] for stage, s in summaries.items()},
     "ppo": {k: summaries["ppo"][k] for k in ("reward", "kl", "length", "eos_rate", "gold")},
     "logprob_check": check | {"passed": check["mean_abs_gap"] <= max_gap and check["clipped_fraction"] <= max_clipped},

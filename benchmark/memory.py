@@ -1,0 +1,125 @@
+"""Peak memory of one PPO iteration at a real vocabulary: does it grow with the batch or with --micro_batch_size?
+
+A tiny Llama (2 layers, hidden 64) whose vocabulary is the toy tokenizer's padded with unused tokens to SmolLM2's
+49,152, stored in bf16 as hub checkpoints are, random weights (so every response runs to the length limit: the
+largest shapes), serves as SFT policy, reference, reward and value model. ppo.py runs one iteration of 128 new tokens
+at each --batch_size, with the given extra flags; the table gives the process's peak resident memory (its
+summary.json's peak_memory_mb, which covers the evaluations before and after training too), the seconds per update
+and per phase. With --trl_python, TRL 1.9's PPOTrainer runs the same updates on the same model and prompts.
+
+    python benchmark/memory.py                                         # ppo.py here, batches 64 and 256, micro 8
+    python benchmark/memory.py --source /tmp/old --batch_sizes 64 --micro_batch_size 0   # another checkout's ppo.py
+    python benchmark/memory.py --batch_sizes 64 --updates 3 --trl_python /tmp/trl-venv/bin/python  # against TRL
+"""
+
+import argparse
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 49152  # SmolLM2's
+NEW_TOKENS = 128
+PHASES = ("generation", "scoring", "training")
+# ppo.py's defaults, for TRL's driver (benchmark/speed.py's trl_driver)
+SETTINGS = {"num_mini_batches": 2, "num_ppo_epochs": 4, "max_new_tokens": NEW_TOKENS, "kl_coef": 0.05,
+            "missing_eos_penalty": -1.0, "temperature": 1.0, "eval_rows": 16}
+
+
+def build_base(out: Path) -> None:
+    """The padded-vocabulary tiny Llama, saved in bf16 with its tokenizer."""
+    sys.path.insert(0, str(ROOT))
+    import tokenizers
+    import torch
+    import transformers
+
+    import common
+
+    toy = common.toy_tokenizer()
+    words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
+    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(VOCAB - len(words))])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD,
+                                                     bos_token=common.BOS, eos_token=common.EOS, unk_token=common.UNK)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                      bos_token_id=toy.bos_token_id, eos_token_id=toy.eos_token_id,
+                                      pad_token_id=toy.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def ppo_run(args, base: Path, batch_size: int) -> dict:
+    out = args.work_dir / f"{args.source.resolve().name}-b{batch_size}-m{args.micro_batch_size}"
+    micro = ["--micro_batch_size", str(args.micro_batch_size)] if args.micro_batch_size else []
+    cmd = [sys.executable, "ppo.py", "--sft_model_path", str(base), "--reward_model_path", str(base),
+           "--output_dir", str(out), "--overwrite", "--batch_size", str(batch_size), "--total_episodes",
+           str(args.updates * batch_size), "--max_new_tokens", str(NEW_TOKENS), "--eval_rows", "16",
+           "--eval_every", "1000000", "--save_every", "1000000", *micro, *args.extra]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=args.source, check=True, stdout=subprocess.DEVNULL)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    updates = [{"wall": m["time"] - before["time"], **{k: m[f"time/{k}"] for k in PHASES}}
+               for before, m in itertools.pairwise(lines) if "time/generation" in m]
+    return {"updates": updates, "peak_memory_mb": json.loads((out / "summary.json").read_text())["peak_memory_mb"]}
+
+
+def trl_run(args, base: Path, batch_size: int) -> dict:
+    """TRL's PPOTrainer through benchmark/speed.py's driver, at ppo.py's settings: rollout and training passes of
+    --micro_batch_size rows (its local_rollout_forward_batch_size and per_device_train_batch_size)."""
+    work = args.work_dir / f"trl-b{batch_size}-m{args.micro_batch_size}"
+    work.mkdir(parents=True, exist_ok=True)
+    settings = SETTINGS | {"batch_size": batch_size, "micro_batch_size": args.micro_batch_size}
+    cfg = {"sft": str(base), "reward_model": str(base), "device": "cpu", "settings": settings, "seed": 1,
+           "updates": args.updates, "learning_rate": 3e-4, "out": str(work / "out")}
+    for name, python in (("_prompts", sys.executable), ("_trl", args.trl_python)):
+        cfg["result"] = str(work / f"{name}.json")
+        (work / f"{name}.config.json").write_text(json.dumps(cfg))
+        print(f"$ {python} benchmark/speed.py {name} {work / f'{name}.config.json'}", flush=True)
+        subprocess.run([python, str(ROOT / "benchmark" / "speed.py"), name, str(work / f"{name}.config.json")],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cfg["prompts"] = str(work / "_prompts.json")
+    return json.loads((work / "_trl.json").read_text())
+
+
+def row(name: str, batch_size: int, micro: int, result: dict) -> str:
+    kept = result["updates"][1:] or result["updates"]  # update 1 pays for warm-up
+    cells = [statistics.median(u[k] for u in kept) for k in ("wall", *PHASES)]
+    return (f"| {name} | {batch_size} | {micro or 'whole minibatch'} | {result['peak_memory_mb'] / 1024:.2f} | "
+            + " | ".join(f"{c:.1f}" for c in cells) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--micro_batch_size", type=int, default=8, help="0: leave the flag out (the whole minibatch)")
+    p.add_argument("--updates", type=int, default=1, help="PPO iterations per run (time per update: the median "
+                                                          "over iterations 2..N)")
+    p.add_argument("--source", type=Path, default=ROOT, help="the checkout whose ppo.py runs (default: this one)")
+    p.add_argument("--trl_python", help="also run TRL's PPOTrainer with this python (benchmark/speed.py --setup_trl "
+                                        "makes /tmp/trl-venv/bin/python)")
+    p.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench" / "memory")
+    p.add_argument("extra", nargs="*", help="more ppo.py flags, after --")
+    args = p.parse_args()
+    base = args.work_dir / "base"
+    if not (base / "config.json").exists():
+        build_base(base)
+    rows = []
+    for batch_size in args.batch_sizes:
+        rows.append(row("ppo.py", batch_size, args.micro_batch_size, ppo_run(args, base, batch_size)))
+        if args.trl_python:
+            rows.append(row("TRL PPOTrainer", batch_size, args.micro_batch_size, trl_run(args, base, batch_size)))
+    print("\n| | --batch_size | --micro_batch_size | peak memory GB | s/update | generation s | scoring s | "
+          "training s |\n|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
