@@ -58,6 +58,8 @@ def setup(args) -> tuple[torch.device, int, int]:
     """Start a run before anything is loaded: check --output_dir and --device, join torchrun's process group
     (NCCL, one GPU per rank, on CUDA; gloo on CPU), seed each rank apart (N+ detail: seed + rank * 100003)."""
     out = Path(args.output_dir)
+    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        fail("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N (N >= 2), or drop it")
     holds_run = any((out / f).exists() for f in RUN_FILES)
     if args.resume and not (out / "checkpoint.pt").exists():
         fail(f"--resume: {out} holds a finished run" if (out / "summary.json").exists() else
@@ -146,11 +148,43 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | int |
     return (x * mask).sum() / all_mean(count.float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
 
 
-def ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Wrap a trainable model in DistributedDataParallel under torchrun (unchanged in one process)."""
+def distribute(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """A trained model under torchrun: replicated (DDP: a full copy per process, gradients all-reduced) or, with
+    `fsdp`, sharded (FSDP2: each decoder layer, then the whole model; a process holds 1/N of the weights, gradients and
+    optimizer state, and gathers a layer's weights only while it runs). fp32 master weights either way; under FSDP on
+    CUDA the gathered weights are cast to bf16 and gradients reduced in fp32. Unchanged in one process. Build the
+    optimizer afterwards: FSDP replaces the parameters."""
     if world_size() == 1:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    inner = getattr(model, "classifier", model)  # a TokenScores: its classifier's layers, then itself as the root
+    layer_names = set(getattr(inner, "_no_split_modules", None) or ())  # transformers names its decoder layers there
+    layers = [m for m in inner.modules() if type(m).__name__ in layer_names]
+    if not layers:
+        fail(f"--fsdp: cannot find the decoder layers of {type(inner).__name__} (its _no_split_modules names none of "
+             "its modules): train it without --fsdp")
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+                 else MixedPrecisionPolicy())
+    for layer in layers:
+        fully_shard(layer, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
+    return model
+
+
+def gathered(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
+    """`plain`, an unsharded copy of a sharded model's architecture, holding the sharded model's weights on every
+    process (collective): for work after training that needs the whole model in one place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    return plain
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards the model: then every forward pass is a collective, which every rank must make as often."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
 
 
 def grad_sync(*models: torch.nn.Module, sync: bool):
@@ -535,11 +569,17 @@ def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, 
         return_dict_in_generate=True, **({"do_sample": False} if greedy else sampling))
     model, reader = unwrap(model), _SampledLogprobs(temperature)
     saved, model.generation_config = model.generation_config, config  # generate() would fill gaps from it
-    try:
-        out = model.generate(input_ids=queries, attention_mask=query_mask,
+    layers = [m for m in model.modules() if sharded(m)]
+    for m in layers:  # FSDP: gather each layer's weights once for the whole generation, not once per token
+        m.set_reshard_after_forward(False, recurse=False)
+    try:  # synced_gpus (FSDP): a rank whose responses all ended keeps stepping until every rank's have
+        out = model.generate(input_ids=queries, attention_mask=query_mask, synced_gpus=bool(layers),
                              logits_processor=transformers.LogitsProcessorList([reader]))
     finally:
         model.generation_config = saved
+        for m in layers:
+            m.reshard()
+            m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root stays gathered
     responses = out.sequences[:, queries.shape[1]:]
     reader.read(responses[:, -1])  # the last step's token
     response_mask, ended = truncate_after_eos(responses, stops)
@@ -617,11 +657,15 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
     evaluations differ by their policies, not by sampling noise."""
     device = next(policy.parameters()).device
     unwrap(policy).eval()
-    samples = []
+    samples, starts = [], list(range(rank() * batch_size, len(prompts), world_size() * batch_size))
+    if sharded(policy):  # every rank generates as often as the others, each time as many rows (padded, below)
+        starts += [len(prompts)] * (math.ceil(len(prompts) / batch_size / world_size()) - len(starts))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed + rank())
-        for i in range(rank() * batch_size, len(prompts), world_size() * batch_size):
+        for i in starts:
             batch_prompts, batch_queries = prompts[i:i + batch_size], queries[i:i + batch_size]
+            real = len(batch_queries)  # the rest: copies of the first prompt, whose samples are dropped
+            batch_queries += [queries[0]] * (min(batch_size, len(prompts)) - real if sharded(policy) else 0)
             query_ids, query_mask = (t.to(device) for t in pad(batch_queries, tokenizer.pad_token_id, "left"))
             with autocast(device):
                 responses, response_mask, ended, logprobs = generate(policy, query_ids, query_mask, tokenizer,
@@ -630,7 +674,9 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
                 chunk = micro_batch_size or len(ids)
                 ref_logprobs = in_chunks(functools.partial(response_logprobs, ref_policy, context_len=query_ids.shape[1],
                                                            temperature=temperature), chunk, ids, mask)
-                scores = in_chunks(score_fn, chunk, batch_prompts, query_ids, query_mask, responses, response_mask)
+                if real:  # a reward, never the policy: no padding needed
+                    scores = in_chunks(score_fn, chunk, batch_prompts, query_ids[:real], query_mask[:real],
+                                       responses[:real], response_mask[:real])
             kl = ((logprobs - ref_logprobs) * response_mask).sum(-1)
             lengths = response_length(responses, response_mask, stop_ids(tokenizer))
             texts = decode_responses(tokenizer, responses, response_mask)
@@ -699,10 +745,16 @@ class Run:
         self.state, self.dir = state, Path(args.output_dir)
         self.checkpoint, self.start = self.dir / "checkpoint.pt", time.time()
         self.main, self.resumed, offset = rank() == 0, None, 0
+        # FSDP: sharded models and their optimizer go through torch.distributed.checkpoint, each rank its own shard
+        self.sharded = {name: obj for name, obj in state.items()
+                        if sharded(obj) or isinstance(obj, torch.optim.Optimizer) and any(map(sharded, state.values()))}
         if args.resume:
             saved = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
             for name, obj in state.items():
-                unwrap(obj).load_state_dict(saved[name])
+                if name not in self.sharded:
+                    unwrap(obj).load_state_dict(saved[name])
+            if self.sharded:
+                self._load_shards(self.dir / saved["shards"])
             if len(saved["rng"]) != world_size():
                 fail(f"the checkpoint in {self.dir} was written by {len(saved['rng'])} processes: resume with as many")
             mine = saved["rng"][rank()]
@@ -719,6 +771,7 @@ class Run:
             shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / ".saving", ignore_errors=True)  # leftovers of a save cut short
+        self._remove_shards(keep=saved.get("shards") if args.resume else None)
         self.metrics = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
         self.metrics.truncate(offset)  # lines logged after the checkpoint are dropped
         self.metrics.seek(offset)
@@ -750,13 +803,43 @@ class Run:
         if self.wandb:  # W&B counts its own steps (ppo_max.py's critic warm-up logs steps below 0)
             self.wandb.log(metrics)
 
+    def _shard_state(self) -> dict:
+        """The sharded models' and optimizer's state, as torch.distributed.checkpoint saves and loads it."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        models = torch.nn.ModuleDict({k: v for k, v in self.sharded.items() if isinstance(v, torch.nn.Module)})
+        optimizers = [v for v in self.sharded.values() if isinstance(v, torch.optim.Optimizer)]
+        model_state, optimizer_state = get_state_dict(models, optimizers)
+        return {"models": model_state, "optimizer": optimizer_state}
+
+    def _load_shards(self, path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state = self._shard_state()
+        dcp.load(state, checkpoint_id=path)  # in place, each rank its shards
+        models = torch.nn.ModuleDict({k: v for k, v in self.sharded.items() if isinstance(v, torch.nn.Module)})
+        set_state_dict(models, [v for v in self.sharded.values() if isinstance(v, torch.optim.Optimizer)],
+                       model_state_dict=state["models"], optim_state_dict=state["optimizer"])
+
+    def _remove_shards(self, keep: str | None) -> None:
+        """Delete every shards-* folder but `keep`: older checkpoints', and any a kill cut short (rank 0)."""
+        for folder in self.dir.glob("shards-*"):
+            if folder.name != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
         """The divergence guard: at the first non-finite loss or gradient norm, a one-line error and exit status 1,
-        before the bad update reaches a checkpoint or the saved model."""
+        before the bad update reaches a checkpoint or the saved model. A sharded value (FSDP) is checked by every rank
+        together (collective), so that all of them stop."""
+        from torch.distributed.tensor import DTensor
         for name, value in values.items():
-            if not torch.isfinite(value).all():
+            finite = torch.isfinite(value.to_local() if isinstance(value, DTensor) else value).all()
+            if isinstance(value, DTensor) and world_size() > 1:
+                finite = finite.float()
+                dist.all_reduce(finite, dist.ReduceOp.MIN)
+            if not finite:
                 kept = (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
                         else "no checkpoint was written")
+                value = value.full_tensor() if isinstance(value, DTensor) else value
                 print(f"error: step {step}: {name} is {value.float().max().item()}: training diverged "
                       f"(is --learning_rate too high?); {kept}", file=sys.stderr)
                 sys.exit(1)
@@ -764,12 +847,17 @@ class Run:
     def save(self, step: int, **loop) -> None:
         """Checkpoint the `state` objects, every rank's RNGs, the loop's values (rank 0's: they must agree across
         ranks) and where metrics.jsonl ends; atomically (a temporary file renamed), so a kill leaves a whole one."""
-        rngs = gather([_rng_state()])
+        rngs, shards = gather([_rng_state()]), {}
+        if self.sharded:  # every rank writes its shards into a new folder, which checkpoint.pt then names
+            import torch.distributed.checkpoint as dcp
+            shards = {"shards": f"shards-{step}"}
+            dcp.save(self._shard_state(), checkpoint_id=self.dir / shards["shards"])  # done on every rank on return
         if self.main:
             tmp = self.dir / "checkpoint.pt.tmp"
-            torch.save({name: unwrap(obj).state_dict() for name, obj in self.state.items()} |
-                       {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()}, tmp)
+            torch.save({name: unwrap(obj).state_dict() for name, obj in self.state.items() if name not in self.sharded} |
+                       {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()} | shards, tmp)
             os.replace(tmp, self.checkpoint)
+            self._remove_shards(keep=shards.get("shards"))  # the earlier checkpoint's
         global _interrupt_note
         _interrupt_note = f"the last checkpoint (step {step}) is {self.checkpoint}; resume with: {_resume_command}"
 
@@ -779,10 +867,20 @@ class Run:
         summary.json, which marks a finished run."""
         model = unwrap(model)
         self.check_finite("final", **{f"parameter {name}": param.detach() for name, param in model.named_parameters()})
+        dtype, state = getattr(model, "stored_dtype", torch.float32), None  # the checkpoint's own dtype
+        if sharded(model):  # FSDP: the whole model gathered to rank 0 (collective), saved as a plain folder
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            own = {name for name, _ in itertools.chain(model.named_parameters(), model.named_buffers())}
+            state = {k: v.to(dtype) for k, v in state.items() if k in own}  # a tied copy (lm_head = wte) once
         if self.main:
             tmp = self.dir / ".saving"
-            model.to(getattr(model, "stored_dtype", torch.float32))  # the checkpoint's own dtype (and config.dtype)
-            model.save_pretrained(tmp)
+            if state is None:
+                model.to(dtype)
+            model.save_pretrained(tmp, state_dict=state)
+            if state is not None:  # save_pretrained wrote the dtype of the sharded (fp32) weights
+                model.config.dtype = str(dtype).removeprefix("torch.")
+                model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             for f in tmp.iterdir():
                 os.replace(f, self.dir / f.name)

@@ -57,6 +57,8 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models across the processes (FSDP2) instead of a full copy in each (DDP)"""
 
     total_episodes: int = 6400
     """number of sampled responses to train on"""
@@ -364,10 +366,10 @@ if __name__ == "__main__":
         value_init = args.reward_model_path if same_vocab else value_init
     value_model = common.TokenScores(common.load_model(value_init, tokenizer, "score", device=device,
                                                        gradient_checkpointing=args.gradient_checkpointing))
+    policy, value_model = (common.distribute(m, device, args.fsdp) for m in (policy, value_model))
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, eps=1e-5,
                                   weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    policy, value_model = common.ddp(policy, device), common.ddp(value_model, device)
     run = common.Run(args, {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scheduler": scheduler})
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     score_moments = RunningMoments()  # PPO-max

@@ -59,6 +59,8 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models across the processes (FSDP2) instead of a full copy in each (DDP)"""
 
     total_episodes: int = 6400
     """number of sampled responses to train on"""
@@ -224,9 +226,9 @@ if __name__ == "__main__":
         reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint,
                                                             device, frozen=True))
         same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
+    policy = common.distribute(policy, device, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    policy = common.ddp(policy, device)
     run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler})
     # the loop's state, fresh or resumed; demo_cache: row index -> its demonstration's rewards (K,)
     rng, order, demo_cache, initial, start = random.Random(args.seed), [], {}, None, 1

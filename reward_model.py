@@ -41,6 +41,8 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models across the processes (FSDP2) instead of a full copy in each (DDP)"""
     learning_rate: float = 1e-3
     """peak learning rate, decayed linearly to 0"""
     num_epochs: int = 2
@@ -175,12 +177,14 @@ def score_sequences(model: common.TokenScores, seqs: list[list[int]], pad_id: in
     model = common.unwrap(model)  # no DDP: the processes may run different numbers of batches
     share = math.ceil(len(seqs) / common.world_size())
     mine = seqs[common.rank() * share:(common.rank() + 1) * share]
+    real = len(mine)  # FSDP: every rank makes as many passes through the sharded model, padded with copies
+    mine += [seqs[0]] * (share - real if common.sharded(model) else 0)
     scores = [torch.zeros(0)]
     for i in range(0, len(mine), batch_size):
         ids, mask = common.pad(mine[i:i + batch_size], pad_id, side="right")
         with common.autocast(device):
             scores.append(common.last_token_scores(model, ids.to(device), mask.to(device)).cpu())
-    return common.gather(torch.cat(scores))
+    return common.gather(torch.cat(scores)[:real])
 
 
 def score_pairs(model: common.TokenScores, examples: list[dict], pad_id: int, batch_size: int,
@@ -287,9 +291,9 @@ if __name__ == "__main__":
     local_batch_size = args.batch_size // world_size  # this process's share of each batch
     micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)  # pairs per forward pass
     eval_pairs = args.micro_batch_size or args.batch_size  # pairs per held-out scoring pass
+    model = common.distribute(model, device, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    model = common.ddp(model, device)
     run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
     order, start = [], 1  # the loop's state (with rng), fresh or resumed
     if run.resumed:
@@ -340,6 +344,9 @@ if __name__ == "__main__":
         if step % args.save_every == 0 and step < num_steps:
             run.save(step, rng=rng, order=order)
 
+    if args.fsdp:  # the rest on a plain copy of the trained model on every process, whose weights it can edit
+        model = common.gathered(model, common.TokenScores(common.load_model(args.model_name_or_path, tokenizer, "score",
+                                                                            hint, device)))
     # ---- normalization (N+ detail): shift scores so that SFT demonstrations score 0 on average ----
     # (the scores are gathered, so the mean and the shifted weights are the same in every process)
     classifier = common.unwrap(model).classifier

@@ -53,6 +53,8 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models across the processes (FSDP2) instead of a full copy in each (DDP)"""
     total_queries: int = 512
     """queries to train on, each with all of its candidate responses"""
     queries_per_step: int = 16
@@ -262,9 +264,9 @@ if __name__ == "__main__":
                                                             device, frozen=True))
         same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
     num_models = 1 + (ref_policy is not None) + (args.reward == "model")  # held during training
+    policy = common.distribute(policy, device, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    policy = common.ddp(policy, device)
     run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler})
     # The loop's state, fresh or resumed: the data order, the candidates sampled for the coming
     # steps (OP-k), and the evaluation before training.

@@ -36,6 +36,8 @@ class Args:
     """`auto` (cuda if available), `cpu` or `cuda`"""
     track: bool = False
     """log to Weights & Biases"""
+    fsdp: bool = False
+    """under torchrun: shard the trained models across the processes (FSDP2) instead of a full copy in each (DDP)"""
     learning_rate: float = 3e-3
     """peak learning rate, decayed linearly to 0"""
     num_epochs: int = 6
@@ -137,9 +139,9 @@ if __name__ == "__main__":
     local_batch_size = args.batch_size // world_size  # this process's share of each batch
     micro_batch_size = min(args.micro_batch_size or local_batch_size, local_batch_size)  # rows per forward pass
     eval_batch_size = args.micro_batch_size or args.batch_size
+    model = common.distribute(model, device, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    model = common.ddp(model, device)
     run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
     rng, order, start = random.Random(args.seed), [], 1  # the loop's state, fresh or resumed
     if run.resumed:
@@ -149,6 +151,8 @@ if __name__ == "__main__":
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
 
     # ---- training: next-token loss on completion tokens ----
+    if args.fsdp:  # every rank passes as many held-out batches through the sharded model (padding: no loss)
+        test += [(test[0][0], [-100] * len(test[0][0]))] * (-len(test) % world_size)
     test_shard = test[rank::world_size]
     model.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
     for step in common.progress(range(start, num_steps + 1), desc="sft", initial=start - 1, total=num_steps):

@@ -30,13 +30,18 @@ def tiny(cls):
     return cls.from_config(config)
 
 
-def sgd_step(models: list, loss_fn) -> dict:
+def sgd_step(models: list, loss_fn, fsdp: bool = False) -> dict:
     """One SGD step (sensitive to the gradient's scale, unlike Adam's first step) -> new parameters."""
-    models = [common.ddp(m, torch.device("cpu")) for m in models]
+    models = [common.distribute(m, torch.device("cpu"), fsdp) for m in models]
     optimizer = torch.optim.SGD([p for m in models for p in m.parameters()], lr=0.5)
     loss_fn(*models).backward()
     optimizer.step()
-    return {f"{i}.{k}": v.detach().clone() for i, m in enumerate(models) for k, v in common.unwrap(m).state_dict().items()}
+    if fsdp and common.world_size() > 1:  # the whole weights, gathered
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        states = [get_model_state_dict(m, options=StateDictOptions(full_state_dict=True)) for m in models]
+    else:
+        states = [common.unwrap(m).state_dict() for m in models]
+    return {f"{i}.{k}": v.detach().clone() for i, state in enumerate(states) for k, v in state.items()}
 
 
 def shard(x):
@@ -100,6 +105,9 @@ def results() -> dict:
 
     out["ppo_micro"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))],
                                 ppo_loss_in_micro_batches)
+    # FSDP2: the same step with both models sharded (each decoder layer, then the root) takes DDP's step
+    out["ppo_fsdp"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))],
+                               ppo_loss, fsdp=True)
     # global statistics: whitening, the masked mean, gathering
     out["whiten"] = common.gather(ppo.masked_whiten(advantages, response_mask))
     out["whiten_rewards"] = common.gather(ppo.masked_whiten(returns, response_mask, shift_mean=False))

@@ -26,9 +26,10 @@ def test_two_ranks_with_half_a_batch_equal_one_process_with_all_of_it(tmp_path):
         assert one[stage].keys() == two[stage].keys()
         for name in one[stage]:
             torch.testing.assert_close(two[stage][name], one[stage][name], rtol=0, atol=1e-5, msg=f"{stage} {name}")
-    # micro-batches whose gradients add up (DDP syncing on the last only) take the whole batch's step
+    # micro-batches whose gradients add up (DDP syncing on the last only) take the whole batch's step; so does FSDP
     for name in one["ppo"]:
         torch.testing.assert_close(one["ppo_micro"][name], one["ppo"][name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(two["ppo_fsdp"][name], one["ppo"][name], rtol=0, atol=1e-5, msg=f"fsdp {name}")
     # statistics: ranks hold rows 0,2,4,6 and 1,3,5,7; gathered, they come in rank order
     order = [0, 2, 4, 6, 1, 3, 5, 7]
     for key in ("whiten", "whiten_rewards"):
