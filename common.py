@@ -873,6 +873,7 @@ class Run:
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             own = {name for name, _ in itertools.chain(model.named_parameters(), model.named_buffers())}
             state = {k: v.to(dtype) for k, v in state.items() if k in own}  # a tied copy (lm_head = wte) once
+        peaks = gather([round(peak_memory_mb(), 1)])  # every process's (collective)
         if self.main:
             tmp = self.dir / ".saving"
             if state is None:
@@ -889,7 +890,8 @@ class Run:
                 write_json(self.dir / f"{name}.jsonl", rows)
             write_json(self.dir / "summary.json", summary | {
                 "world_size": world_size(), "peak_memory_mb": round(peak_memory_mb(), 1),
-                "wall_time": round(time.time() - self.start, 1)})
+                "wall_time": round(time.time() - self.start, 1)} | (
+                {"peak_memory_mb_per_process": peaks} if world_size() > 1 else {}))
             print("summary: " + " ".join(f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float)))
             self.metrics.close()
             if self.tb:

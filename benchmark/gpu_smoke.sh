@@ -3,7 +3,8 @@
 # written out below; random weights) over the toy world's tokenizer, its vocabulary padded with unused tokens to the
 # real 49,152 so that the output layer costs what it does in SmolLM, stored in bf16 as hub checkpoints are (the
 # scripts train fp32 master weights and save bf16 back); then sft.py, reward_model.py and $ITERS PPO iterations of 64
-# prompts, all in bf16 autocast, and a few PPO iterations more with --micro_batch_size 8 --gradient_checkpointing.
+# prompts, all in bf16 autocast, and a few PPO iterations more with --micro_batch_size 8 --gradient_checkpointing,
+# and, on a machine with 2 GPUs, over 2 processes replicated (DDP) and sharded (--fsdp).
 # It records generated tokens per second, seconds per PPO iteration, each stage's peak GPU memory and each PPO
 # phase's (generation, scoring, training), and checks that the old log-probs that ppo.py reads from the generation's
 # own logits match a fresh forward pass within bf16 tolerance: mean gap under $MAX_GAP nats, and under $MAX_CLIPPED of
@@ -65,10 +66,10 @@ print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M para
 EOF
 
 # 2. the pipeline: SFT, a reward model, PPO (a few dozen iterations)
-stage() {  # stage NAME SCRIPT ARGS...: one run into $OUT/NAME, its output in $OUT/NAME.log
+stage() {  # stage NAME SCRIPT ARGS...: one run into $OUT/NAME, its output in $OUT/NAME.log ($LAUNCH: torchrun)
     local name=$1 script=$2; shift 2
     echo "$(date +%T) $name"
-    python "$script" "$@" "${COMMON[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
+    ${LAUNCH:-python} "$script" "$@" "${COMMON[@]}" --output_dir "$OUT/$name" > "$OUT/$name.log" 2>&1 \
         || { tail -5 "$OUT/$name.log"; echo "$name failed: see $OUT/$name.log"; exit 1; }
 }
 stage sft sft.py --model_name_or_path "$OUT/base" --num_epochs 2 --learning_rate 5e-4 --batch_size "$BATCH" \
@@ -81,6 +82,17 @@ stage ppo ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_mo
 stage ppo_memory ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model" --learning_rate 1e-5 \
     --total_episodes $((4 * BATCH)) --batch_size "$BATCH" --max_new_tokens "$NEW_TOKENS" --eval_rows $((2 * BATCH)) \
     --micro_batch_size 8 --gradient_checkpointing
+# the same PPO iterations over 2 processes, replicated (DDP) and sharded (--fsdp): on 2 GPUs, or on the CPU
+if [ "$DEVICE" = cpu ] || [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    for mode in ddp fsdp; do
+        LAUNCH="torchrun --standalone --nproc_per_node 2" stage "ppo_2_$mode" ppo.py --sft_model_path "$OUT/sft" \
+            --reward_model_path "$OUT/reward_model" --learning_rate 1e-5 --total_episodes $((4 * BATCH)) \
+            --batch_size "$BATCH" --max_new_tokens "$NEW_TOKENS" --eval_rows $((2 * BATCH)) \
+            $([ "$mode" = fsdp ] && echo --fsdp)
+    done
+else
+    echo "one GPU: the 2-process DDP and --fsdp runs need 2 (skipped)"
+fi
 
 # 3. old log-probs from generation against a fresh forward pass (bf16 autocast on CUDA, as in ppo.py), and the report
 python - "$OUT" "$DEVICE" "$BATCH" "$NEW_TOKENS" "$MAX_GAP" "$MAX_CLIPPED" <<'EOF'
@@ -135,6 +147,14 @@ report = {
     "ppo_memory_phase_peak_gb": {k: max((m.get(f"memory/{k}_gb", 0.0) for m in memory_run), default=0.0)
                                  for k in phases},
     "ppo_memory_seconds_per_stage": {k: statistics.median(m[f"time/{k}"] for m in memory_run) for k in phases},
+    # 2 processes, replicated and sharded: s/iteration, each process's peak memory
+    "two_processes": {mode: {"seconds_per_iteration": statistics.median(
+        m["time/generation"] + m["time/scoring"] + m["time/training"] for m in run[1:]),
+        "peak_memory_mb_per_process": json.loads((out / f"ppo_2_{mode}" / "summary.json").read_text())[
+            "peak_memory_mb_per_process"]}
+        for mode in ("ddp", "fsdp") if (out / f"ppo_2_{mode}" / "summary.json").exists()
+        for run in [[json.loads(line) for line in (out / f"ppo_2_{mode}" / "metrics.jsonl").read_text().splitlines()
+                     if "time/generation" in line]]},
     "stored_dtype": {stage: json.loads((out / stage / "config.json").read_text()).get("dtype")
                      for stage in ("base", "sft", "reward_model", "ppo")},
     "wall_time_s": {stage: s["wall_time"] for stage, s in summaries.items()},
