@@ -30,8 +30,9 @@ def test_fsdp_needs_torchrun(tmp_path, capsys):
 
 
 def test_ppo_under_fsdp_trains_as_ddp_saves_a_plain_model_and_resumes_after_kill_9(sft_model, reward_model, tmp_path):
+    """With micro-batches and gradient checkpointing too, which change nothing but memory."""
     torchrun(*ppo_flags(sft_model, reward_model, tmp_path / "ddp"))
-    torchrun(*ppo_flags(sft_model, reward_model, tmp_path / "fsdp"), "--fsdp")
+    torchrun(*ppo_flags(sft_model, reward_model, tmp_path / "fsdp"), "--fsdp", "--gradient_checkpointing")
     # the same samples, losses and statistics, to fp32 rounding (gradients reduced in another order)
     ddp, fsdp = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                   if "time/generation" in line] for run in ("ddp", "fsdp"))
@@ -55,7 +56,7 @@ def test_ppo_under_fsdp_trains_as_ddp_saves_a_plain_model_and_resumes_after_kill
     # kill -9 (every process) once iteration 2 is logged, then --resume: the uninterrupted run, bit for bit
     cut = tmp_path / "cut"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *ppo_flags(sft_model, reward_model, cut), "--fsdp"]
+               *ppo_flags(sft_model, reward_model, cut), "--fsdp", "--gradient_checkpointing"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     metrics = cut / "metrics.jsonl"
@@ -64,7 +65,7 @@ def test_ppo_under_fsdp_trains_as_ddp_saves_a_plain_model_and_resumes_after_kill
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (cut / "summary.json").exists(), "the run ended before it could be killed"
-    torchrun(*ppo_flags(sft_model, reward_model, cut), "--fsdp", "--resume")
+    torchrun(*ppo_flags(sft_model, reward_model, cut), "--fsdp", "--gradient_checkpointing", "--resume")
     assert_same_run(tmp_path / "fsdp", cut)
 
 
@@ -81,3 +82,14 @@ def test_sft_and_reward_model_under_fsdp(tmp_path):
     # the reward model saved from a plain copy scores under transformers as it did here
     classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
     assert classifier.config.num_labels == 1
+
+
+def test_the_divergence_guard_stops_every_process_under_fsdp(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "sft.py"), "--fsdp", "--learning_rate", "1e3", "--max_train_rows", "256",
+                             "--num_epochs", "2", "--eval_rows", "16", "--output_dir", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            check=False)
+    assert result.returncode != 0 and "training diverged (is --learning_rate too high?)" in result.stderr
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
