@@ -155,7 +155,7 @@ def verdict(static: float, per_row: dict) -> str:
 def main():
     torch.manual_seed(0)
     start, k = time.time(), lambda x: f"{x / 1e3:,.1f}k"
-    print(f"# What fits on one 80 GB GPU: ppo.py's PPO training\n\ntorch {torch.__version__}, transformers "
+    print(f"torch {torch.__version__}, transformers "
           f"{transformers.__version__}. Per-token bytes measured with saved_tensors_hooks under CPU bf16 autocast "
           "(fp32 weights; each saved storage once; parameters and autocast's bf16 weight copies apart), random "
           f"weights, on {B} rows x {T} tokens with row 0 left-padded by one token, as ppo.py's prompts are (attention "
