@@ -200,7 +200,7 @@ def commits(root: Path) -> str:
     """Each start of a study by benchmark/run_all.sh: when, at which commit, and (timing.log) its wall time."""
     lines = [line for line in (root / "commits.log").read_text().splitlines() if line.strip()]
     timing = root / "timing.log"
-    minutes = dict(re.findall(r"^\S+ (\S+) done in (\d+) min$", timing.read_text(), re.M)) if timing.exists() else {}
+    minutes = dict(re.findall(r"^\S+ (\S+) done in (\d+) min$", timing.read_text(), re.MULTILINE)) if timing.exists() else {}
     rows = ["| started (UTC) | commit | study | wall time |", "|---|---|---|---|"]
     for line in lines:
         start, commit, studies = re.match(r"(\S+) (\S+(?: \([^)]*\))?) ?(.*)", line).groups()
