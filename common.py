@@ -159,18 +159,24 @@ def distribute(model: torch.nn.Module, device: torch.device, fsdp: bool = False)
     if not fsdp:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    inner = getattr(model, "classifier", model)  # a TokenScores: its classifier's layers, then itself as the root
-    layer_names = set(getattr(inner, "_no_split_modules", None) or ())  # transformers names its decoder layers there
-    layers = [m for m in inner.modules() if type(m).__name__ in layer_names]
-    if not layers:
-        fail(f"--fsdp: cannot find the decoder layers of {type(inner).__name__} (its _no_split_modules names none of "
-             "its modules): train it without --fsdp")
     precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
                  else MixedPrecisionPolicy())
-    for layer in layers:
+    for layer in decoder_layers(model):  # a TokenScores: its classifier's layers, then itself as the root
         fully_shard(layer, mp_policy=precision)
     fully_shard(model, mp_policy=precision)
     return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a transformers model (or of a TokenScores' classifier), which transformers names in
+    _no_split_modules: what FSDP shards one by one. fail() where there are none to find."""
+    inner = getattr(model, "classifier", model)
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    layers = [m for m in inner.modules() if type(m).__name__ in names]
+    if not layers:
+        fail(f"--fsdp: cannot find the decoder layers of {type(inner).__name__} (its _no_split_modules names none of "
+             "its modules): train it without --fsdp")
+    return layers
 
 
 def gathered(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:

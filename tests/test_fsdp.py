@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import transformers
 from conftest import ROOT, assert_same_run, run_main
@@ -21,6 +22,18 @@ def ppo_flags(sft_model, reward_model, out) -> list[str]:
     return [str(ROOT / "ppo.py"), "--sft_model_path", str(sft_model), "--reward_model_path", str(reward_model),
             "--total_episodes", "32", "--batch_size", "16", "--eval_rows", "5", "--max_new_tokens", "12",
             "--micro_batch_size", "3", "--save_every", "1", "--output_dir", str(out)]
+
+
+def test_fsdp_finds_the_decoder_layers_or_says_it_cannot(capsys):
+    tok = common.toy_tokenizer()
+    gpt2, scorer = common.toy_model(tok), common.TokenScores(common.toy_model(tok, "score"))
+    assert common.decoder_layers(gpt2) == list(gpt2.transformer.h)
+    assert common.decoder_layers(scorer) == list(scorer.classifier.transformer.h)
+    with pytest.raises(SystemExit) as stop:
+        common.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --fsdp: cannot find the decoder layers of Sequential (its "
+                                               "_no_split_modules names none of its modules): train it without --fsdp")
 
 
 def test_fsdp_needs_torchrun(tmp_path, capsys):
