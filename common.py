@@ -261,11 +261,12 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
     if kind == "score" and "Classification" not in str(getattr(model.config, "architectures", None)):
         for param in model.score.parameters():  # weight, and bias where the head has one
             torch.nn.init.zeros_(param)
-    for module in model.modules():  # nn.Dropout, and the plain float kept by Llama-style attention
-        if isinstance(module, torch.nn.Dropout):
+    for module in model.modules():  # nn.Dropout, and the plain floats some models keep (Llama's attention_dropout,
+        if isinstance(module, torch.nn.Dropout):  # OPT's dropout and layerdrop), which act in train() mode
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(module, name, 0.0)
     stored_dtype = next(model.parameters()).dtype
     device = torch.device(device)
     model.to(device=device, dtype=torch.bfloat16 if frozen and device.type == "cuda" else torch.float32)
@@ -820,8 +821,11 @@ class Run:
     def _load_shards(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
-        state = self._shard_state()
-        dcp.load(state, checkpoint_id=path)  # in place, each rank its shards
+        state = self._shard_state()  # which gives every parameter optimizer state, real or zero
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))  # in place
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        for fqn in [k for k in state["optimizer"]["state"] if not any(s.startswith(f"optimizer.state.{k}.") for s in saved)]:
+            del state["optimizer"]["state"][fqn]  # a parameter not updated yet (ppo_max's policy in the warm-up): none
         models = torch.nn.ModuleDict({k: v for k, v in self.sharded.items() if isinstance(v, torch.nn.Module)})
         set_state_dict(models, [v for v in self.sharded.values() if isinstance(v, torch.optim.Optimizer)],
                        model_state_dict=state["models"], optim_state_dict=state["optimizer"])
@@ -834,12 +838,12 @@ class Run:
 
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
         """The divergence guard: at the first non-finite loss or gradient norm, a one-line error and exit status 1,
-        before the bad update reaches a checkpoint or the saved model. A sharded value (FSDP) is checked by every rank
-        together (collective), so that all of them stop."""
+        before the bad update reaches a checkpoint or the saved model. Under torchrun every rank checks together
+        (collective: every rank makes the same calls), so that all of them stop."""
         from torch.distributed.tensor import DTensor
         for name, value in values.items():
             finite = torch.isfinite(value.to_local() if isinstance(value, DTensor) else value).all()
-            if isinstance(value, DTensor) and world_size() > 1:
+            if world_size() > 1:  # every rank's verdict, so that all of them stop, none waits on the others
                 finite = finite.float()
                 dist.all_reduce(finite, dist.ReduceOp.MIN)
             if not finite:
