@@ -163,3 +163,18 @@ def test_load_model_precision_by_role(tmp_path):
     assert all(p.requires_grad for p in trained.parameters())
     assert frozen.dtype == torch.float32 and not any(p.requires_grad for p in frozen.parameters())  # CPU: fp32
     assert not frozen.training
+
+
+def test_load_model_turns_off_dropout_kept_as_plain_floats(tmp_path):
+    """OPT keeps its dropout and layerdrop as floats that act in train() mode, where the update passes run."""
+    tok = common.toy_tokenizer()
+    config = transformers.OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+                                    dropout=0.3, attention_dropout=0.3, layerdrop=0.3, pad_token_id=tok.pad_token_id)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    model = common.load_model(str(tmp_path / "opt"), tok).train()
+    ids = torch.tensor([common.encode_prompt(tok, "the plot was very good .")])
+    assert torch.equal(model(ids).logits, model(ids).logits)
+    floats = [v for m in model.modules() for k, v in vars(m).items()
+              if isinstance(v, float) and ("dropout" in k or k == "layerdrop")]
+    assert floats and not any(floats)
