@@ -753,8 +753,10 @@ class Run:
         self.checkpoint, self.start = self.dir / "checkpoint.pt", time.time()
         self.main, self.resumed, offset = rank() == 0, None, 0
         # FSDP: sharded models and their optimizer go through torch.distributed.checkpoint, each rank its own shard
-        self.sharded = {name: obj for name, obj in state.items()
-                        if sharded(obj) or isinstance(obj, torch.optim.Optimizer) and any(map(sharded, state.values()))}
+        self.shard_models = torch.nn.ModuleDict({name: obj for name, obj in state.items() if sharded(obj)})
+        self.shard_optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)
+                                 ] if len(self.shard_models) else []
+        self.sharded = {*self.shard_models, *(n for n, obj in state.items() if obj in self.shard_optimizers)}
         if args.resume:
             saved = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
             for name, obj in state.items():
@@ -813,9 +815,7 @@ class Run:
     def _shard_state(self) -> dict:
         """The sharded models' and optimizer's state, as torch.distributed.checkpoint saves and loads it."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        models = torch.nn.ModuleDict({k: v for k, v in self.sharded.items() if isinstance(v, torch.nn.Module)})
-        optimizers = [v for v in self.sharded.values() if isinstance(v, torch.optim.Optimizer)]
-        model_state, optimizer_state = get_state_dict(models, optimizers)
+        model_state, optimizer_state = get_state_dict(self.shard_models, self.shard_optimizers)
         return {"models": model_state, "optimizer": optimizer_state}
 
     def _load_shards(self, path: Path) -> None:
@@ -826,9 +826,8 @@ class Run:
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         for fqn in [k for k in state["optimizer"]["state"] if not any(s.startswith(f"optimizer.state.{k}.") for s in saved)]:
             del state["optimizer"]["state"][fqn]  # a parameter not updated yet (ppo_max's policy in the warm-up): none
-        models = torch.nn.ModuleDict({k: v for k, v in self.sharded.items() if isinstance(v, torch.nn.Module)})
-        set_state_dict(models, [v for v in self.sharded.values() if isinstance(v, torch.optim.Optimizer)],
-                       model_state_dict=state["models"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.shard_models, self.shard_optimizers, model_state_dict=state["models"],
+                       optim_state_dict=state["optimizer"])
 
     def _remove_shards(self, keep: str | None) -> None:
         """Delete every shards-* folder but `keep`: older checkpoints', and any a kill cut short (rank 0)."""
@@ -841,12 +840,12 @@ class Run:
         before the bad update reaches a checkpoint or the saved model. Under torchrun every rank checks together
         (collective: every rank makes the same calls), so that all of them stop."""
         from torch.distributed.tensor import DTensor
-        for name, value in values.items():
-            finite = torch.isfinite(value.to_local() if isinstance(value, DTensor) else value).all()
-            if world_size() > 1:  # every rank's verdict, so that all of them stop, none waits on the others
-                finite = finite.float()
-                dist.all_reduce(finite, dist.ReduceOp.MIN)
-            if not finite:
+        finite = torch.stack([torch.isfinite(v.to_local() if isinstance(v, DTensor) else v).all().cpu()
+                              for v in values.values()]).float()
+        if world_size() > 1:  # every rank's verdict, in one collective, so that all of them stop together
+            dist.all_reduce(finite, dist.ReduceOp.MIN)
+        for (name, value), ok in zip(values.items(), finite.tolist()):
+            if not ok:
                 kept = (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint.exists()
                         else "no checkpoint was written")
                 value = value.full_tensor() if isinstance(value, DTensor) else value

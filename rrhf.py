@@ -355,12 +355,13 @@ if __name__ == "__main__":
         ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
         scores = torch.zeros(valid.shape, device=device)  # p_i of every candidate (Q, K), for logging
         kl = torch.zeros(valid.shape, device=device) if args.kl_coef else None
-        ends = list(itertools.accumulate(len(candidates) for _, candidates in batch))  # query q's candidates end here
+        # query q's candidates are flat[bounds[q]:bounds[q + 1]]
+        bounds = [0, *itertools.accumulate(len(candidates) for _, candidates in batch)]
         loss_rank = loss_ft = loss_total = 0.0
         policy.train()  # dropout is off: train mode changes nothing but lets gradient checkpointing act
         for first in range(0, len(batch), micro_batch_size):
             q = slice(first, first + micro_batch_size)  # these queries, and their candidates n of the N
-            n = slice(ends[first - 1] if first else 0, ends[min(first + micro_batch_size, len(batch)) - 1])
+            n = slice(bounds[first], bounds[min(first + micro_batch_size, len(batch))])
             with common.grad_sync(policy, sync=first + micro_batch_size >= len(batch)):
                 with common.autocast(device):
                     logprobs = common.response_logprobs(policy, ids[n], mask[n], queries.shape[1])  # (n, R)
