@@ -31,26 +31,15 @@ SETTINGS = {"num_mini_batches": 2, "num_ppo_epochs": 4, "max_new_tokens": NEW_TO
 
 def build_base(out: Path) -> None:
     """The padded-vocabulary tiny Llama, saved in bf16 with its tokenizer."""
-    sys.path.insert(0, str(ROOT))
-    import tokenizers
     import torch
     import transformers
+    from speed import padded_toy_tokenizer
 
-    import common
-
-    toy = common.toy_tokenizer()
-    words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
-    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(VOCAB - len(words))])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD,
-                                                     bos_token=common.BOS, eos_token=common.EOS, unk_token=common.UNK)
+    tokenizer = padded_toy_tokenizer(VOCAB)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                      bos_token_id=toy.bos_token_id, eos_token_id=toy.eos_token_id,
-                                      pad_token_id=toy.pad_token_id, tie_word_embeddings=False)
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)

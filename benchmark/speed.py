@@ -293,16 +293,34 @@ def eval_driver(cfg: dict) -> None:
     Path(cfg["result"]).write_text(json.dumps(metrics | common.gold_metrics(samples)))
 
 
+def padded_toy_tokenizer(size: int):
+    """The toy world's tokenizer with its vocabulary padded with unused tokens to `size`, so that a model's output
+    layer costs what it does at a real vocabulary (benchmark/memory.py uses it too)."""
+    sys.path.insert(0, str(ROOT))
+    import tokenizers
+    import transformers
+
+    import common
+
+    toy = common.toy_tokenizer()
+    words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
+    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(size - len(words))])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD, bos_token=common.BOS,
+                                                eos_token=common.EOS, unk_token=common.UNK, padding_side="left")
+
+
 def base_driver(cfg: dict) -> None:
     """A GPT-NeoX model of Pythia-160M's shape (its config.json, written out; random weights), or the same
     architecture tiny ("160m-tiny", to check the path on a CPU), over the toy tokenizer with its vocabulary padded with
     unused tokens to the model's, so that the output layer costs what it does in Pythia."""
     sys.path.insert(0, str(ROOT))
-    import tokenizers
     import torch
     import transformers
 
-    import common
 
     if cfg["config"] == "160m":  # EleutherAI/pythia-160m
         arch = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
@@ -310,16 +328,7 @@ def base_driver(cfg: dict) -> None:
     else:
         arch = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
                 "max_position_embeddings": 256, "vocab_size": 1024}
-    toy = common.toy_tokenizer()
-    words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
-    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(arch["vocab_size"] - len(words))])}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = tokenizers.processors.TemplateProcessing(
-        single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD,
-                                                     bos_token=common.BOS, eos_token=common.EOS, unk_token=common.UNK,
-                                                     padding_side="left")
+    tokenizer = padded_toy_tokenizer(arch["vocab_size"])
     config = transformers.GPTNeoXConfig(
         **arch, hidden_act="gelu", layer_norm_eps=1e-5, use_parallel_residual=True, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
