@@ -1055,23 +1055,32 @@ def toy_model(tokenizer, kind: str = "causal"):
         return auto.from_config(config)
 
 
+EXPERT_DRAFTS = 4  # an RL prompt's demonstration is the best of this many grammar samples by gold
+
+
 @functools.cache
 def toy_dataset(kind: str, seed: int = 0, n_train: int | None = None, n_test: int = 256, k: float = 3.0,
                 c: float = 0.1):
-    """Deterministic toy datasets in TRL's formats. "sft", "prompts" (4000 training rows): prompt (a review's first
-    2-4 words), completion (the rest). "preference" (8000 training pairs): prompt, chosen, rejected,
-    gold_chosen_better: two reviews labeled by an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) +
+    """Deterministic toy datasets in TRL's formats. "sft" (4000 training rows): prompt (a review's first 2-4 words),
+    completion (the rest). "prompts" (4000): the same prompts' stream, but the completion is an expert's
+    demonstration: the best by gold of EXPERT_DRAFTS reviews that start with the prompt (the first of them the
+    row's own review), better than the SFT data as human demonstrations are better than a small SFT model.
+    "preference" (8000 training pairs): prompt, chosen, rejected, gold_chosen_better: two reviews labeled by an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) +
     c (len_a - len_b)): noisy, and partial to length (k, c and the pairs: benchmark/RESULTS.md's annotator sweep)."""
     if n_train is None:
         n_train = 8000 if kind == "preference" else 4000
     rng = random.Random(f"{kind}-{seed}")
+    drafts_rng = random.Random(f"{kind}-{seed}-drafts")  # its own stream: the prompts are the same for any EXPERT_DRAFTS
 
     def row() -> dict:
         review = sample_review(rng)
         cut = rng.randint(2, min(4, len(review) - 1))
         prompt, a = " ".join(review[:cut]), review[cut:]
-        if kind != "preference":
+        if kind == "sft":
             return {"prompt": prompt, "completion": " ".join(a)}
+        if kind == "prompts":  # an expert's demonstration: the best of its drafts by gold
+            drafts = [a] + [sample_review(drafts_rng, review[:cut])[cut:] for _ in range(EXPERT_DRAFTS - 1)]
+            return {"prompt": prompt, "completion": " ".join(max(drafts, key=lambda d: gold_reward(prompt, " ".join(d))))}
         b = sample_review(rng, review[:cut])[cut:]
         ga, gb = gold_reward(prompt, " ".join(a)), gold_reward(prompt, " ".join(b))
         # clipped so that exp() cannot overflow for a large k (no effect at the defaults)

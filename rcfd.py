@@ -206,7 +206,7 @@ if __name__ == "__main__":
     # ---- data with demonstrations; models: policy, frozen reference, reward model ----
     hint = "run `python sft.py` first or pass --sft_model_path"
     tokenizer = common.load_tokenizer(args.sft_model_path, hint)
-    # each prompt comes with its demonstration y_demo (toy: the review's true continuation)
+    # each prompt comes with its demonstration y_demo (toy: an expert's, the best by gold of common.EXPERT_DRAFTS grammar samples)
     train_rows, test_rows = common.load_data(args.dataset_name, "prompts", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split, args.eval_rows)
     if any(row["completion"] is None for row in train_rows + test_rows):

@@ -373,6 +373,24 @@ def test_toy_datasets_are_deterministic_and_grammatical() -> None:
         assert common.well_formed(row["prompt"], row["rejected"]) == 1.0
 
 
+def test_toy_demonstrations_are_the_best_of_their_drafts(monkeypatch) -> None:
+    """The prompts split's demonstrations: the same prompts whatever the number of drafts, each demonstration a
+    grammatical continuation at least as good by gold as the row's own review (the first draft), and on average
+    better than the SFT data's completions by a clear margin."""
+    make = common.toy_dataset.__wrapped__
+    experts = make("prompts", 0, 500, 8)["train"].to_list()
+    monkeypatch.setattr(common, "EXPERT_DRAFTS", 1)  # one draft: the row's own review, as in the SFT data
+    plain = make("prompts", 0, 500, 8)["train"].to_list()
+    assert [r["prompt"] for r in experts] == [r["prompt"] for r in plain]
+    gold = [(common.gold_reward(e["prompt"], e["completion"]), common.gold_reward(p["prompt"], p["completion"]))
+            for e, p in zip(experts, plain)]
+    assert all(common.well_formed(r["prompt"], r["completion"]) == 1.0 for r in experts)
+    assert all(g_expert >= g_plain for g_expert, g_plain in gold)
+    sft = make("sft", 0, 500, 8)["train"].to_list()
+    sft_gold = sum(common.gold_reward(r["prompt"], r["completion"]) for r in sft) / len(sft)
+    assert sum(g for g, _ in gold) / len(gold) > sft_gold + 0.5
+
+
 def annotator_stats(rows: list[dict]) -> tuple[float, float, int]:
     """Agreement of the labels with gold on pairs of different gold; on gold ties of different
     length, the fraction where the longer review was chosen, and the number of such ties."""
