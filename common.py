@@ -1,6 +1,7 @@
-"""The module minrlhf's scripts share. Part 1: the language-model utilities a copier takes along with one algorithm
-file (argument checks, processes, loading, padding, log-probs, generation, scores, evaluation, the run folder).
-Part 2, at the end: the toy world, movie reviews with a known gold reward, which a copier drops."""
+"""The module minrlhf's scripts share, read top-down as a copier needs it: 1. the training loop's primitives (forward
+passes, log-probs, generation, scores, reductions over processes); 2. starting a run and its folder (checks, processes,
+checkpoints, the final model); 3. loading models, tokenizers and data in TRL's formats; 4. the toy world, which a
+copier deletes. A function that all ranks must call together under torchrun says "Collective" first."""
 
 import functools
 import itertools
@@ -30,466 +31,10 @@ if not sys.stderr.isatty():  # no progress bars in logs, so that one-line errors
     datasets.disable_progress_bars()
 
 
-# Errors, argument checks and the start of a run -----------------------------------------------------------------------
-
-def fail(message: str) -> NoReturn:
-    """Exit with a one-line error (status 2, no traceback): for bad input the user can fix."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
-    """fail() unless each named flag is in its range (None means "off" and passes)."""
-    for name in positive + nonnegative:
-        value = getattr(args, name)
-        if value is not None and not (value > 0 if name in positive else value >= 0):  # NaN fails too
-            fail(f"--{name} must be {'positive' if name in positive else 'at least 0'}, got {value}")
-    if args.resume and args.overwrite:
-        fail("--resume continues a run and --overwrite replaces it: pass one of them")
-
-
-RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
-SEED_STRIDE = 100003  # N+ detail: rank r seeds its RNGs with seed + r * SEED_STRIDE
-_interrupt_note = ""  # what Ctrl-C prints: where the last checkpoint is and how to resume
-_resume_command = ""
-
-
-def setup(args) -> tuple[torch.device, int, int]:
-    """Start a run before anything is loaded: check --output_dir and --device, join torchrun's process group
-    (NCCL, one GPU per rank, on CUDA; gloo on CPU), seed each rank apart (N+ detail: seed + rank * 100003)."""
-    out = Path(args.output_dir)
-    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        fail("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N (N >= 2), or drop it")
-    holds_run = any((out / f).exists() for f in RUN_FILES)
-    if args.resume and not (out / "checkpoint.pt").exists():
-        fail(f"--resume: {out} holds a finished run" if (out / "summary.json").exists() else
-             f"--resume: {out} holds no checkpoint; start anew with --overwrite")
-    if args.resume and (out / "args.json").exists():  # a run folder holds one run: the same flags throughout
-        saved = json.loads((out / "args.json").read_text())
-        free = ("resume", "overwrite", "output_dir", "save_every", "track", "device", "world_size")
-        now = json.loads(json.dumps(asdict(args)))  # as args.json holds them (tuples as lists)
-        if changed := [k for k, v in now.items() if k not in free and k in saved and saved[k] != v]:
-            fail(f"--resume continues a run with its own flags, but --{changed[0]} differs: {saved[changed[0]]!r} "
-                 f"in {out / 'args.json'}")
-    if holds_run and not (args.resume or args.overwrite):
-        fail(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    if out.is_dir() and not holds_run and any(not p.name.startswith(".") for p in out.iterdir()):
-        fail(f"{out} holds files that are not a run: choose another --output_dir")
-    missing = [p for p in (out, *out.parents) if not p.exists()]
-    try:  # try a write (os.access trusts root), and leave no trace until the run first writes
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f".write-test-{os.getpid()}").touch()
-        (out / f".write-test-{os.getpid()}").unlink()
-    except OSError as e:
-        fail(f"cannot write to --output_dir {out}: {e.strerror}")
-    finally:
-        if missing:
-            shutil.rmtree(missing[-1], ignore_errors=True)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    if device not in ("cpu", "cuda"):
-        fail(f"--device {args.device}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but torch finds no CUDA device: use --device cpu")
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        if device == "cuda":
-            device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
-    transformers.set_seed(args.seed + rank * SEED_STRIDE)
-    global _interrupt_note, _resume_command
-    _resume_command = "python " + " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
-    _interrupt_note = (f"resume with: {_resume_command}" if args.resume else
-                       "no checkpoint was written yet: rerun with --overwrite")
-    signal.signal(signal.SIGINT, _interrupted)
-    return torch.device(device), rank, world_size
-
-
-def _interrupted(*_) -> NoReturn:
-    if rank() == 0:
-        print(f"\ninterrupted: {_interrupt_note}", file=sys.stderr)
-    sys.exit(130)
-
-
-# Several processes (torchrun): each rank holds a shard of the batch; these combine the shards -------------------------
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))  # set by torchrun
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of x over ranks (x itself in one process)."""
-    if world_size() == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x)
-    return x / world_size()
-
-
-def gather(x: torch.Tensor | list) -> torch.Tensor | list:
-    """Concatenate a small tensor (along dim 0) or a list over ranks, in rank order."""
-    if world_size() == 1:
-        return x
-    parts = [None] * world_size()
-    dist.all_gather_object(parts, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
-    return torch.cat(parts).to(x.device) if isinstance(x, torch.Tensor) else [v for part in parts for v in part]
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Mean of x where mask is 1; collective under torchrun (every rank must call it). Each rank divides its sum by
-    the mean count over ranks, so that the mean over ranks of this value (what DDP does to gradients, all_mean to
-    statistics) is the mean over all entries. For a micro-batch, `count` is this rank's count in the whole minibatch
-    (its mask.sum()): the micro-batches' values then add up to the minibatch's mean, not a mean of means."""
-    count = mask.sum() if count is None else torch.as_tensor(count, device=mask.device)
-    return (x * mask).sum() / all_mean(count.float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
-
-
-def distribute(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
-    """A trained model under torchrun: replicated (DDP: a full copy per process, gradients all-reduced) or, with
-    `fsdp`, sharded (FSDP2: each decoder layer, then the whole model; a process holds 1/N of the weights, gradients and
-    optimizer state, and gathers a layer's weights only while it runs). fp32 master weights either way; under FSDP on
-    CUDA the gathered weights are cast to bf16 and gradients reduced in fp32. Unchanged in one process. Build the
-    optimizer afterwards: FSDP replaces the parameters."""
-    if world_size() == 1:
-        return model
-    if not fsdp:
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
-                 else MixedPrecisionPolicy())
-    for layer in decoder_layers(model):  # a TokenScores: its classifier's layers, then itself as the root
-        fully_shard(layer, mp_policy=precision)
-    fully_shard(model, mp_policy=precision)
-    return model
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of a transformers model (or of a TokenScores' classifier), which transformers names in
-    _no_split_modules: what FSDP shards one by one. fail() where there are none to find."""
-    inner = getattr(model, "classifier", model)
-    names = set(getattr(inner, "_no_split_modules", None) or ())
-    layers = [m for m in inner.modules() if type(m).__name__ in names]
-    if not layers:
-        fail(f"--fsdp: cannot find the decoder layers of {type(inner).__name__} (its _no_split_modules names none of "
-             "its modules): train it without --fsdp")
-    return layers
-
-
-def gathered(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
-    """`plain`, an unsharded copy of a sharded model's architecture, holding the sharded model's weights on every
-    process (collective): for work after training that needs the whole model in one place."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
-    return plain
-
-
-def sharded(model: torch.nn.Module) -> bool:
-    """Whether FSDP shards the model: then every forward pass is a collective, which every rank must make as often."""
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
-
-
-def grad_sync(*models: torch.nn.Module, sync: bool):
-    """A context for one micro-batch's forward and backward: under DDP, the gradient all-reduce (collective) runs only
-    where `sync` (the minibatch's last micro-batch); before it, gradients accumulate locally (DDP's no_sync)."""
-    stack = ExitStack()
-    for model in models:
-        if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            stack.enter_context(model.no_sync())
-    return stack
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-# Loading models, tokenizers and datasets ------------------------------------------------------------------------------
-
-def _check_exists(name_or_path: str, hint: str) -> None:
-    """Fail early on a local path that does not exist; anything else may be a hub id."""
-    if not os.path.exists(os.path.expanduser(name_or_path)) and (
-            name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1):
-        fail(f"{name_or_path} not found: {hint}")
-
-
-def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
-    """Tokenizer for `toy`, a hub id or a local directory, with a pad token and left padding."""
-    if name_or_path == TOY:
-        return toy_tokenizer()
-    _check_exists(name_or_path, hint)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # noqa: BLE001 (a missing, corrupt or unknown tokenizer: all the user's to fix)
-        fail(f"cannot load a tokenizer from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
-    if tokenizer.eos_token is None:
-        fail(f"the tokenizer of {name_or_path} has no EOS token, which ends every response: set eos_token")
-    if tokenizer.pad_token is None:  # e.g. GPT-2, Pythia, Llama: we always mask, so EOS can double as pad
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id",
-               device: torch.device | str = "cpu", frozen: bool = False, gradient_checkpointing: bool = False):
-    """A causal LM ("causal") or a scalar-head classifier ("score") on `device`, dropout off (N+ detail: it would make
-    PPO's ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0.
-
-    Precision. transformers 5 loads a checkpoint in the dtype it was stored in (bf16 or fp16 for most hub models), and
-    AdamW on bf16 weights rounds most small updates away (fp16's second moment underflows). So a trained model holds
-    fp32 master weights (and so fp32 optimizer state); compute runs in bf16 under autocast on CUDA. A `frozen` model
-    (reference policy, reward model during RL) runs in bf16 on CUDA, half the memory, and fp32 on a CPU. The stored
-    dtype is kept in `model.stored_dtype`: Run.finish saves the model in it. `gradient_checkpointing` recomputes each
-    layer's activations in the backward pass (it acts in train() mode; generation in eval() mode keeps its KV cache)."""
-    if name_or_path == TOY:
-        model = toy_model(tokenizer, kind)
-    else:
-        _check_exists(name_or_path, hint)
-        cls = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
-        verbosity = transformers.utils.logging.get_verbosity()
-        transformers.utils.logging.set_verbosity_error()  # a new score head's "weights missing" report is expected
-        try:
-            model = cls.from_pretrained(name_or_path, **({"num_labels": 1} if kind == "score" else {}))
-        except Exception as e:  # noqa: BLE001 (missing, truncated or corrupt weights: the user's to fix)
-            fail(f"cannot load a model from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
-        finally:
-            transformers.utils.logging.set_verbosity(verbosity)
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if kind == "score" and "Classification" not in str(getattr(model.config, "architectures", None)):
-        for param in model.score.parameters():  # weight, and bias where the head has one
-            torch.nn.init.zeros_(param)
-    for module in model.modules():  # nn.Dropout, and the plain floats some models keep (Llama's attention_dropout,
-        if isinstance(module, torch.nn.Dropout):  # OPT's dropout and layerdrop), which act in train() mode
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
-                setattr(module, name, 0.0)
-    stored_dtype = next(model.parameters()).dtype
-    device = torch.device(device)
-    model.to(device=device, dtype=torch.bfloat16 if frozen and device.type == "cuda" else torch.float32)
-    model.stored_dtype = stored_dtype
-    if frozen:
-        model.requires_grad_(False).eval()
-    if gradient_checkpointing:  # non-reentrant: gradients reach the weights even when the inputs need none
-        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def max_positions(model) -> int:
-    """How many positions the model can attend to (prompt + response must fit)."""
-    config = getattr(unwrap(model), "classifier", unwrap(model)).config  # a TokenScores holds a classifier
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31
-
-
-HH_ASSISTANT = "\n\nAssistant:"
-
-
-def _render(messages: list[dict], tokenizer, generation_prompt: bool = False) -> str:
-    """Messages as text: through the chat template, or (without one) joined HH-style."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages) + (
-        HH_ASSISTANT if generation_prompt else "")
-
-
-def _reply(prompt: str | list[dict], reply: str | list[dict], tokenizer) -> str:
-    """A completion as text. After a conversational prompt, TRL's rule: render prompt + reply with the chat template
-    and cut off the rendered prompt (with its generation prompt), so that the reply ends with the template's
-    end-of-turn token; anything after that token (a newline, say) goes, since generation stops at it and the reward
-    model reads its score there. Without a template, the reply's content."""
-    if isinstance(prompt, str):
-        if not isinstance(reply, str):
-            raise TypeError("a conversational completion needs a conversational prompt")
-        return reply
-    if isinstance(reply, str):  # a plain-text answer to a conversation
-        reply = [{"role": "assistant", "content": reply}]
-    if not getattr(tokenizer, "chat_template", None):
-        return reply[-1]["content"]
-    head, full = _render(prompt, tokenizer, True), _render(prompt + reply, tokenizer)
-    if not full.startswith(head):
-        raise ValueError("the chat template does not render prompt + reply as the prompt with its generation prompt, "
-                         "then the reply")
-    text = full[len(head):]
-    ends = [i + len(s) for s in map(tokenizer.decode, stop_ids(tokenizer)) if s and (i := text.find(s)) >= 0]
-    return text[:min(ends)] if ends else text
-
-
-def implicit_prompt(chosen: str | list[dict], rejected: str | list[dict]) -> dict:
-    """The prompt that a preference pair without one shares, as TRL finds it, and the two completions after it.
-    Messages: every message but the last, an assistant's. Text: the longest common prefix, less a trailing space
-    (which goes with the completions); in an HH-RLHF transcript, the prefix up to its last "\n\nAssistant:"."""
-    if not isinstance(chosen, str) or not isinstance(rejected, str):
-        if (isinstance(chosen, str) or isinstance(rejected, str) or chosen[:-1] != rejected[:-1]
-                or {chosen[-1]["role"], rejected[-1]["role"]} != {"assistant"}):
-            raise ValueError("conversational chosen and rejected must share every message but the last, the "
-                             "assistant's")
-        return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
-    shared = os.path.commonprefix([chosen, rejected])
-    if (cut := shared.rfind(HH_ASSISTANT)) >= 0:  # HH-RLHF: the last turn is the assistant's answer
-        shared = shared[:cut + len(HH_ASSISTANT)]
-    elif shared.endswith(" "):
-        shared = shared[:-1]
-    return {"prompt": shared, "chosen": chosen[len(shared):], "rejected": rejected[len(shared):]}
-
-
-def standardize_row(row: dict, tokenizer) -> dict:
-    """One row of any of the FORMATS (standard or conversational, with explicit or implicit prompt) as
-    {"prompt", "completion", "chosen", "rejected"[, "margin"]} strings (None where missing). A conversational
-    prompt is rendered with its generation prompt, and each completion as what the template adds to it."""
-    if "query" in row and "responses" in row:  # RRHF: best and worst response by score
-        order = sorted(range(len(row["responses"])), key=lambda i: row["scores"][i])
-        row = {"prompt": row["query"], "chosen": row["responses"][order[-1]], "rejected": row["responses"][order[0]]}
-    elif "messages" in row:  # conversational SFT: the last turn is the completion
-        row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
-    elif "chosen" in row and "rejected" in row and row.get("prompt") is None:
-        row = row | implicit_prompt(row["chosen"], row["rejected"])
-    elif "prompt" not in row:
-        raise ValueError("unknown format")
-    prompt = row["prompt"] if isinstance(row["prompt"], str) else _render(row["prompt"], tokenizer, True)
-    if row.get("chosen") is not None and row.get("rejected") is not None:
-        chosen, rejected = _reply(row["prompt"], row["chosen"], tokenizer), _reply(row["prompt"], row["rejected"], tokenizer)
-        return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected,
-                **({"margin": row["margin"]} if "margin" in row else {})}
-    completion = row.get("completion")
-    return {"prompt": prompt, "completion": None if completion is None else _reply(row["prompt"], completion, tokenizer),
-            "chosen": None, "rejected": None}
-
-
-FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (implicit prompt, HH-RLHF)",
-           "messages", "query/responses/scores (RRHF)")
-
-
-NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
-
-
-def _load_splits(name: str, config: str | None):
-    """A DatasetDict from a save_to_disk folder, a .json/.jsonl/.parquet file, or the hub."""
-    if os.path.isdir(name):
-        for state in [Path(name, "state.json"), *Path(name).glob("*/state.json")]:  # datasets fails on these vaguely
-            if state.exists() and not json.loads(state.read_text()).get("_data_files"):
-                fail(f"dataset {name} has an empty {state.parent.name if state.parent != Path(name) else 'train'!r} split")
-        loaded = datasets.load_from_disk(name)
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-    if not name.endswith((".json", ".jsonl", ".parquet")):
-        return datasets.load_dataset(name, config)
-    if not os.path.exists(name):
-        fail(f"dataset file {name} not found")
-    if name.endswith((".json", ".jsonl")):  # name the line of a malformed row, which datasets does not
-        lines = [(i, line) for i, line in enumerate(Path(name).read_text().split("\n"), 1) if line.strip()]
-        for i, line in lines if name.endswith(".jsonl") else []:
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"dataset file {name}, line {i}: not valid JSON ({e.msg})")
-        if not lines:
-            fail(f"dataset file {name} is empty")
-    return datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name)
-
-
-def load_data(name: str, stage: str, tokenizer, config: str | None = None, train_split: str = "train",
-              test_split: str = "test", test_rows: int = 256, max_train_rows: int | None = None):
-    """Train and test rows standardized for a stage: "sft" (prompt, completion), "preference" (prompt, chosen,
-    rejected[, margin]) or "prompts" (prompt[, completion]). `name`: `toy`, a hub id, a .json/.jsonl/.parquet file
-    or a save_to_disk folder. Without a test split, the last `test_rows` rows of train (at most half) are held out."""
-    try:
-        splits = toy_dataset(stage) if name == TOY else _load_splits(name, config)
-    except Exception as e:  # noqa: BLE001 (unreadable data: the user's to fix)
-        fail(f"cannot load dataset {name} ({str(e).splitlines()[0]})")
-    if train_split not in splits:
-        fail(f"dataset {name} has no split {train_split!r} (it has {list(splits)}): pass --dataset_train_split")
-    train, test = splits[train_split], splits.get(test_split)
-    if test is None:  # hold out the last rows, at most half of a small dataset
-        if (held_out := min(test_rows, len(train) // 2)) == 0:
-            fail(f"dataset {name} has {len(train)} rows in split {train_split!r}: too few to train and evaluate")
-        test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
-    if len(train) == 0 or len(test) == 0:
-        fail(f"dataset {name} has an empty {train_split if len(train) == 0 else test_split!r} split")
-    test = test.select(range(min(test_rows, len(test))))
-    train = train.select(range(min(max_train_rows or len(train), len(train))))
-    return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
-
-
-def _standardize(dataset, name: str, stage: str, tokenizer) -> list[dict]:
-    columns, formats = dataset.column_names, ", ".join(FORMATS)
-    try:
-        rows = [standardize_row(row, tokenizer) for row in dataset]
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        fail(f"dataset {name} has columns {columns}, which fit no accepted format ({e}); accepted: {formats}")
-    if missing := [k for k in NEEDS[stage] if not rows or rows[0][k] is None]:
-        fail(f"dataset {name} has columns {columns}, but the {stage} stage needs {', '.join(missing)}; "
-             f"accepted formats: {formats}")
-    return rows
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """A prompt's ids, with the tokenizer's special tokens (<bos>) unless the text starts with <bos> already, as a
-    chat template renders it (Llama, Mistral, Gemma): never two."""
-    bos = tokenizer.bos_token
-    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
-
-
-def encode_completion(tokenizer, completion: str, add_eos: bool = True, prompt: str | None = None) -> list[int]:
-    """A completion's ids, ending with a stop token: EOS is appended (add_eos) unless the text ends with one already,
-    as a chat template's turn ends with its end-of-turn token. Given its prompt, the ids of prompt + completion past
-    the prompt's (TRL's rule: a tokenizer may merge across the seam, and SentencePiece marks a text's first word);
-    alone, or where the seam changes the prompt's ids, the completion's own, with add_special_tokens=False (SPEC
-    correctness fact: no second <bos>)."""
-    ids = None
-    if prompt is not None:
-        head, full = encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt + completion)
-        ids = full[len(head):] if full[:len(head)] == head else None
-    if ids is None:
-        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if add_eos and not (ids and ids[-1] in stop_ids(tokenizer)) else ids
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """The tokens that end a response: EOS, the chat template's end-of-turn token (<|im_end|>, <|eot_id|>,
-    <end_of_turn>: the first special token it renders after an assistant's reply), and the EOS ids of the generation
-    config saved with the tokenizer (a model may list several)."""
-    return list(_stop_ids(tokenizer, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)))
-
-
-@functools.lru_cache(maxsize=16)  # computed once per tokenizer, not per row: rendering a chat template is slow
-def _stop_ids(tokenizer, eos_token_id: int, chat_template: str | None) -> tuple[int, ...]:
-    ids = [eos_token_id, *_generation_eos_ids(tokenizer.name_or_path)]
-    if chat_template:
-        reply = "minrlhf"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
-                                             tokenize=False)
-        special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
-        after = tokenizer(text[text.rfind(reply) + len(reply):], add_special_tokens=False)["input_ids"]
-        ids += [i for i in after if i in special][:1]
-    return tuple(dict.fromkeys(ids))
-
-
-@functools.cache
-def _generation_eos_ids(name_or_path: str) -> tuple[int, ...]:
-    try:
-        eos = transformers.GenerationConfig.from_pretrained(name_or_path).eos_token_id
-    except (OSError, ValueError):  # no generation config there (a tokenizer built in memory, a classifier)
-        return ()
-    return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    """Each prompt's ids, left-truncated to its last `max_tokens` (a response continues a prompt's end) so that
-    prompt + response fit the model's positions; says how many lost their start."""
-    if max_tokens < 1:
-        fail(f"--max_new_tokens leaves {max_tokens} of the model's positions to the prompt: lower it")
-    queries = [encode_prompt(tokenizer, p) for p in prompts]
-    if (cut := sum(len(q) > max_tokens for q in queries)) and rank() == 0:
-        print(f"note: {cut} of {len(queries)} prompts are longer than {max_tokens} tokens and lose their start")
-    return [q[-max_tokens:] for q in queries]
-
-
-# Padding, log-probs, generation, scores -------------------------------------------------------------------------------
+# ======================================================================================================================
+# 1. The training loop's primitives, in the order ppo.py's loop calls them: padding, forward passes and
+#    log-probs, generation, scores; then the reductions over the batch and over processes (the collectives).
+# ======================================================================================================================
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token-id lists into (batch, max_len) ids and attention mask; "left" for generation."""
@@ -653,15 +198,77 @@ def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Te
     return [tokenizer.decode(row[k].tolist()) for row, k in zip(responses, keep)]
 
 
+# Processes (torchrun): each rank holds a shard of the batch, and these combine the shards ----------------------------
+
+def rank() -> int:
+    """This process's rank among the torchrun processes (0, the main process, when there is one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_mean(x: torch.Tensor) -> torch.Tensor:
+    """Collective: the mean of x over ranks (x itself in one process)."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def gather(x: torch.Tensor | list) -> torch.Tensor | list:
+    """Collective: a small tensor (concatenated along dim 0) or a list over ranks, in rank order."""
+    if world_size() == 1:
+        return x
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+    return torch.cat(parts).to(x.device) if isinstance(x, torch.Tensor) else [v for part in parts for v in part]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Collective: the mean of x where mask is 1, over every rank's entries. Each rank divides its sum by the mean
+    count over ranks, so that the mean over ranks of this value (what DDP does to gradients, all_mean to statistics)
+    is the mean over all entries. For a micro-batch, `count` is this rank's count in the whole minibatch: the
+    micro-batches' values then add up to the minibatch's mean, not a mean of means."""
+    count = mask.sum() if count is None else torch.as_tensor(count, device=mask.device)
+    return (x * mask).sum() / all_mean(count.float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
+
+
+def grad_sync(*models: torch.nn.Module, sync: bool):
+    """A context for one micro-batch's forward and backward: under DDP the gradient all-reduce (a collective in
+    backward) runs only where `sync`, the minibatch's last micro-batch; before it, gradients accumulate locally."""
+    stack = ExitStack()
+    for model in models:
+        if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            stack.enter_context(model.no_sync())
+    return stack
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards the model: then every forward pass is a collective, which every rank must make as often."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (where bf16 is slower for small models)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 @torch.no_grad()
 def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[list[int]], score_fn,
              max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, batch_size: int = 64,
              seed: int = 0, micro_batch_size: int | None = None) -> tuple[dict, list[dict]]:
-    """Mean score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) on held-out prompts, KL to the
-    reference (sum of log pi - log pi_ref on the policy's samples), length and EOS rate; and one sample per prompt.
-    Each rank takes every world_size-th batch of `batch_size` prompts to sample; the reference and score passes run
-    in chunks of micro_batch_size rows. Sampling has its own seed and leaves the training RNG as it was, so that two
-    evaluations differ by their policies, not by sampling noise."""
+    """Collective: mean score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) on held-out prompts,
+    KL to the reference (sum of log pi - log pi_ref on the policy's samples), length and EOS rate; one sample per
+    prompt. Each rank samples every world_size-th batch of `batch_size` prompts; reference and score passes run in
+    chunks of micro_batch_size rows. Sampling has its own seed and leaves the training RNG as it was."""
     device = next(policy.parameters()).device
     unwrap(policy).eval()
     samples, starts = [], list(range(rank() * batch_size, len(prompts), world_size() * batch_size))
@@ -695,12 +302,130 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
     return {name: sum(float(s[k]) for s in samples) / len(samples) for name, k in keys.items()}, samples
 
 
-# Precision, progress, and the run folder: metrics, checkpoints, the final model ---------------------------------------
+# ======================================================================================================================
+# 2. Starting a run: argument checks, processes and sharding, and the run folder (metrics, checkpoints, the model)
+# ======================================================================================================================
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU (where bf16 is slower for small models)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def fail(message: str) -> NoReturn:
+    """Exit with a one-line error (status 2, no traceback): for bad input the user can fix."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
+
+def check_args(args, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> None:
+    """fail() unless each named flag is in its range (None means "off" and passes)."""
+    for name in positive + nonnegative:
+        value = getattr(args, name)
+        if value is not None and not (value > 0 if name in positive else value >= 0):  # NaN fails too
+            fail(f"--{name} must be {'positive' if name in positive else 'at least 0'}, got {value}")
+    if args.resume and args.overwrite:
+        fail("--resume continues a run and --overwrite replaces it: pass one of them")
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
+SEED_STRIDE = 100003  # N+ detail: rank r seeds its RNGs with seed + r * SEED_STRIDE
+_interrupt_note = ""  # what Ctrl-C prints: where the last checkpoint is and how to resume (set by setup, Run.save)
+_resume_command = ""
+
+
+def setup(args) -> tuple[torch.device, int, int]:
+    """Start a run before anything is loaded: check --output_dir and --device, join torchrun's process group (NCCL,
+    one GPU per rank, on CUDA; gloo on CPU), seed each rank apart (N+ detail: seed + rank * 100003), and install the
+    Ctrl-C handler, which prints this module's _interrupt_note. -> device, rank, world_size."""
+    out = Path(args.output_dir)
+    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        fail("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N (N >= 2), or drop it")
+    holds_run = any((out / f).exists() for f in RUN_FILES)
+    if args.resume and not (out / "checkpoint.pt").exists():
+        fail(f"--resume: {out} holds a finished run" if (out / "summary.json").exists() else
+             f"--resume: {out} holds no checkpoint; start anew with --overwrite")
+    if args.resume and (out / "args.json").exists():  # a run folder holds one run: the same flags throughout
+        saved = json.loads((out / "args.json").read_text())
+        free = ("resume", "overwrite", "output_dir", "save_every", "track", "device", "world_size")
+        now = json.loads(json.dumps(asdict(args)))  # as args.json holds them (tuples as lists)
+        if changed := [k for k, v in now.items() if k not in free and k in saved and saved[k] != v]:
+            fail(f"--resume continues a run with its own flags, but --{changed[0]} differs: {saved[changed[0]]!r} "
+                 f"in {out / 'args.json'}")
+    if holds_run and not (args.resume or args.overwrite):
+        fail(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
+    if out.is_dir() and not holds_run and any(not p.name.startswith(".") for p in out.iterdir()):
+        fail(f"{out} holds files that are not a run: choose another --output_dir")
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    try:  # try a write (os.access trusts root), and leave no trace until the run first writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f".write-test-{os.getpid()}").touch()
+        (out / f".write-test-{os.getpid()}").unlink()
+    except OSError as e:
+        fail(f"cannot write to --output_dir {out}: {e.strerror}")
+    finally:
+        if missing:
+            shutil.rmtree(missing[-1], ignore_errors=True)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    if device not in ("cpu", "cuda"):
+        fail(f"--device {args.device}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but torch finds no CUDA device: use --device cpu")
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        if device == "cuda":
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
+    transformers.set_seed(args.seed + rank * SEED_STRIDE)
+    global _interrupt_note, _resume_command
+    _resume_command = "python " + " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
+    _interrupt_note = (f"resume with: {_resume_command}" if args.resume else
+                       "no checkpoint was written yet: rerun with --overwrite")
+    signal.signal(signal.SIGINT, _interrupted)
+    return torch.device(device), rank, world_size
+
+
+def _interrupted(*_) -> NoReturn:
+    if rank() == 0:
+        print(f"\ninterrupted: {_interrupt_note}", file=sys.stderr)
+    sys.exit(130)
+
+
+def distribute(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """A trained model under torchrun: replicated (DDP: a full copy per process, gradients all-reduced) or, with
+    `fsdp`, sharded (FSDP2: each decoder layer, then the whole model; a process holds 1/N of the weights, gradients and
+    optimizer state, and gathers a layer's weights only while it runs). fp32 master weights either way; under FSDP on
+    CUDA the gathered weights are cast to bf16 and gradients reduced in fp32. Unchanged in one process. Build the
+    optimizer afterwards: FSDP replaces the parameters."""
+    if world_size() == 1:
+        return model
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    precision = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda"
+                 else MixedPrecisionPolicy())
+    for layer in decoder_layers(model):  # a TokenScores: its classifier's layers, then itself as the root
+        fully_shard(layer, mp_policy=precision)
+    fully_shard(model, mp_policy=precision)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a transformers model (or of a TokenScores' classifier), which transformers names in
+    _no_split_modules: what FSDP shards one by one. fail() where there are none to find."""
+    inner = getattr(model, "classifier", model)
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    layers = [m for m in inner.modules() if type(m).__name__ in names]
+    if not layers:
+        fail(f"--fsdp: cannot find the decoder layers of {type(inner).__name__} (its _no_split_modules names none of "
+             "its modules): train it without --fsdp")
+    return layers
+
+
+def gathered(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
+    """Collective: `plain`, an unsharded copy of a sharded model's architecture, loaded with the sharded model's
+    weights on every process, for work after training that needs the whole model in one place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    return plain
+
+
+# The run folder: metrics, checkpoints, the final model ----------------------------------------------------------------
 
 def progress(iterable=None, **kwargs):
     """A progress bar on stderr of rank 0, when stderr is a terminal (tqdm's disable=None)."""
@@ -744,14 +469,15 @@ def _rng_state() -> dict:
 
 class Run:
     """A run folder, written by rank 0: one stdout line per logged step, metrics.jsonl, TensorBoard (if installed)
-    and W&B (--track); checkpoints; the final model, samples and summary. `state` names what a checkpoint holds
-    besides the RNGs and the loop's values (models, optimizer, scheduler: anything with state_dict and
-    load_state_dict); --resume loads them here, and `resumed` holds the loop's values saved with them."""
+    and W&B (--track); args.json (the flags, world_size and the sizes the script derives from them); checkpoints; the
+    final model, samples and summary. `state` names what a checkpoint holds besides the RNGs and the loop's values
+    (models, optimizer, scheduler: anything with state_dict and load_state_dict); --resume loads them here, and
+    `resumed` holds the loop's values saved with them. Every rank builds it and calls its methods (collectives)."""
 
-    def __init__(self, args, state: dict):
+    def __init__(self, args, state: dict, derived: dict | None = None):
         self.state, self.dir = state, Path(args.output_dir)
         self.checkpoint, self.start = self.dir / "checkpoint.pt", time.time()
-        self.main, self.resumed, offset = rank() == 0, None, 0
+        self.resumed, offset = None, 0
         # FSDP: sharded models and their optimizer go through torch.distributed.checkpoint, each rank its own shard
         self.shard_models = torch.nn.ModuleDict({name: obj for name, obj in state.items() if sharded(obj)})
         self.shard_optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)
@@ -774,7 +500,7 @@ class Run:
                 torch.cuda.set_rng_state_all(mine["cuda"])
             self.resumed, offset = saved["loop"], saved["metrics_offset"]
         self.tb = self.wandb = None
-        if not self.main:
+        if rank() != 0:
             return
         if not args.resume:  # --overwrite: setup() let only an empty folder or a whole run through
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -784,7 +510,7 @@ class Run:
         self.metrics = open(self.dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
         self.metrics.truncate(offset)  # lines logged after the checkpoint are dropped
         self.metrics.seek(offset)
-        write_json(self.dir / "args.json", asdict(args) | {"world_size": world_size()})
+        write_json(self.dir / "args.json", asdict(args) | {"world_size": world_size(), "derived": derived or {}})
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=self.resumed["step"] + 1 if args.resume else None)
@@ -795,12 +521,12 @@ class Run:
             self.wandb = wandb.init(project="minrlhf", config=asdict(args), name=self.dir.name)
 
     def log(self, metrics: dict, step: int) -> None:
-        """Average each metric over ranks; rank 0 prints one line and appends it to metrics.jsonl."""
+        """Collective: average each metric over ranks; rank 0 prints one line and appends it to metrics.jsonl."""
         keys = [k for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))]
         means = all_mean(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
         metrics = {"step": step, "time": round(time.time() - self.start, 2)} | metrics | {
             k: round(v) if isinstance(metrics[k], int) else v for k, v in zip(keys, means.tolist())}
-        if not self.main:
+        if rank() != 0:
             return
         self.metrics.write(json.dumps(metrics) + "\n")
         self.metrics.flush()
@@ -836,9 +562,8 @@ class Run:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def check_finite(self, step: int, **values: torch.Tensor) -> None:
-        """The divergence guard: at the first non-finite loss or gradient norm, a one-line error and exit status 1,
-        before the bad update reaches a checkpoint or the saved model. Under torchrun every rank checks together
-        (collective: every rank makes the same calls), so that all of them stop."""
+        """Collective: the divergence guard. At the first non-finite loss or gradient norm, a one-line error and exit
+        status 1 on every rank, before the bad update reaches a checkpoint or the saved model."""
         from torch.distributed.tensor import DTensor
         finite = torch.stack([torch.isfinite(v.to_local() if isinstance(v, DTensor) else v).all().cpu()
                               for v in values.values()]).float()
@@ -854,14 +579,14 @@ class Run:
                 sys.exit(1)
 
     def save(self, step: int, **loop) -> None:
-        """Checkpoint the `state` objects, every rank's RNGs, the loop's values (rank 0's: they must agree across
-        ranks) and where metrics.jsonl ends; atomically (a temporary file renamed), so a kill leaves a whole one."""
+        """Collective: checkpoint the `state` objects, every rank's RNGs, the loop's values (rank 0's: they must agree
+        across ranks) and where metrics.jsonl ends; atomically (a temporary file renamed): a kill leaves a whole one."""
         rngs, shards = gather([_rng_state()]), {}
         if self.sharded:  # every rank writes its shards into a new folder, which checkpoint.pt then names
             import torch.distributed.checkpoint as dcp
             shards = {"shards": f"shards-{step}"}
             dcp.save(self._shard_state(), checkpoint_id=self.dir / shards["shards"])  # done on every rank on return
-        if self.main:
+        if rank() == 0:
             tmp = self.dir / "checkpoint.pt.tmp"
             torch.save({name: unwrap(obj).state_dict() for name, obj in self.state.items() if name not in self.sharded} |
                        {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()} | shards, tmp)
@@ -871,9 +596,9 @@ class Run:
         _interrupt_note = f"the last checkpoint (step {step}) is {self.checkpoint}; resume with: {_resume_command}"
 
     def finish(self, model, tokenizer, summary: dict, **samples: list[dict]) -> None:
-        """Save the model, in the dtype its checkpoint was stored in (load_model's stored_dtype), and the tokenizer (via
-        a temporary folder: a kill never leaves half a model), each list of samples as <name>.jsonl, then
-        summary.json, which marks a finished run."""
+        """Collective, and the run's end: save the model in the dtype its checkpoint was stored in (load_model's
+        stored_dtype) and the tokenizer (via a temporary folder: a kill never leaves half a model), each list of samples
+        as <name>.jsonl, then summary.json, which marks a finished run; then leave torchrun's process group."""
         model = unwrap(model)
         self.check_finite("final", **{f"parameter {name}": param.detach() for name, param in model.named_parameters()})
         dtype, state = getattr(model, "stored_dtype", torch.float32), None  # the checkpoint's own dtype
@@ -883,7 +608,7 @@ class Run:
             own = {name for name, _ in itertools.chain(model.named_parameters(), model.named_buffers())}
             state = {k: v.to(dtype) for k, v in state.items() if k in own}  # a tied copy (lm_head = wte) once
         peaks = gather([round(peak_memory_mb(), 1)])  # every process's (collective)
-        if self.main:
+        if rank() == 0:
             tmp = self.dir / ".saving"
             if state is None:
                 model.to(dtype)
@@ -911,18 +636,304 @@ class Run:
             dist.barrier()  # no rank leaves while rank 0 still saves
             dist.destroy_process_group()
 
-# ---------------------------------------------------------------------------------------------
 
-# Part 2. The toy world: a word-level grammar of movie reviews with a known gold reward. A copier
-# drops this section, and the `toy` branches of the scripts with it.
-# ---------------------------------------------------------------------------------------------
+# ======================================================================================================================
+# 3. Loading models, tokenizers and data in TRL's formats (from the hub, a local folder or file, or the toy world)
+# ======================================================================================================================
 
-TOY = "toy"
+TOY = "toy"  # the built-in toy world (section 4) as a model, tokenizer or dataset name
+
+
+def _check_exists(name_or_path: str, hint: str) -> None:
+    """Fail early on a local path that does not exist; anything else may be a hub id."""
+    if not os.path.exists(os.path.expanduser(name_or_path)) and (
+            name_or_path.startswith((".", "/", "~", "runs/")) or name_or_path.count("/") > 1):
+        fail(f"{name_or_path} not found: {hint}")
+
+
+def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
+    """Tokenizer for `toy`, a hub id or a local directory, with a pad token and left padding."""
+    if name_or_path == TOY:
+        return toy_tokenizer()
+    _check_exists(name_or_path, hint)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # noqa: BLE001 (a missing, corrupt or unknown tokenizer: all the user's to fix)
+        fail(f"cannot load a tokenizer from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
+    if tokenizer.eos_token is None:
+        fail(f"the tokenizer of {name_or_path} has no EOS token, which ends every response: set eos_token")
+    if tokenizer.pad_token is None:  # e.g. GPT-2, Pythia, Llama: we always mask, so EOS can double as pad
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id",
+               device: torch.device | str = "cpu", frozen: bool = False, gradient_checkpointing: bool = False):
+    """A causal LM ("causal") or a scalar-head classifier ("score") on `device`, dropout off (N+ detail: it would make
+    PPO's ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0.
+
+    Precision. transformers 5 loads a checkpoint in the dtype it was stored in (bf16 or fp16 for most hub models), and
+    AdamW on bf16 weights rounds most small updates away (fp16's second moment underflows). So a trained model holds
+    fp32 master weights (and so fp32 optimizer state); compute runs in bf16 under autocast on CUDA. A `frozen` model
+    (reference policy, reward model during RL) runs in bf16 on CUDA, half the memory, and fp32 on a CPU. The stored
+    dtype is kept in `model.stored_dtype`: Run.finish saves the model in it. `gradient_checkpointing` recomputes each
+    layer's activations in the backward pass (it acts in train() mode; generation in eval() mode keeps its KV cache)."""
+    if name_or_path == TOY:
+        model = toy_model(tokenizer, kind)
+    else:
+        _check_exists(name_or_path, hint)
+        cls = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
+        verbosity = transformers.utils.logging.get_verbosity()
+        transformers.utils.logging.set_verbosity_error()  # a new score head's "weights missing" report is expected
+        try:
+            model = cls.from_pretrained(name_or_path, **({"num_labels": 1} if kind == "score" else {}))
+        except Exception as e:  # noqa: BLE001 (missing, truncated or corrupt weights: the user's to fix)
+            fail(f"cannot load a model from {name_or_path} ({str(e).splitlines()[0]}): {hint}")
+        finally:
+            transformers.utils.logging.set_verbosity(verbosity)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if kind == "score" and "Classification" not in str(getattr(model.config, "architectures", None)):
+        for param in model.score.parameters():  # weight, and bias where the head has one
+            torch.nn.init.zeros_(param)
+    for module in model.modules():  # nn.Dropout, and the plain floats some models keep (Llama's attention_dropout,
+        if isinstance(module, torch.nn.Dropout):  # OPT's dropout and layerdrop), which act in train() mode
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(module, name, 0.0)
+    stored_dtype = next(model.parameters()).dtype
+    device = torch.device(device)
+    model.to(device=device, dtype=torch.bfloat16 if frozen and device.type == "cuda" else torch.float32)
+    model.stored_dtype = stored_dtype
+    if frozen:
+        model.requires_grad_(False).eval()
+    if gradient_checkpointing:  # non-reentrant: gradients reach the weights even when the inputs need none
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def max_positions(model) -> int:
+    """How many positions the model can attend to (prompt + response must fit)."""
+    config = getattr(unwrap(model), "classifier", unwrap(model)).config  # a TokenScores holds a classifier
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2**31
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids, with the tokenizer's special tokens (<bos>) unless the text starts with <bos> already, as a
+    chat template renders it (Llama, Mistral, Gemma): never two."""
+    bos = tokenizer.bos_token
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+
+
+def encode_completion(tokenizer, completion: str, add_eos: bool = True, prompt: str | None = None) -> list[int]:
+    """A completion's ids, ending with a stop token: EOS is appended (add_eos) unless the text ends with one already,
+    as a chat template's turn ends with its end-of-turn token. Given its prompt, the ids of prompt + completion past
+    the prompt's (TRL's rule: a tokenizer may merge across the seam, and SentencePiece marks a text's first word);
+    alone, or where the seam changes the prompt's ids, the completion's own, with add_special_tokens=False (no
+    second <bos>)."""
+    ids = None
+    if prompt is not None:
+        head, full = encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt + completion)
+        ids = full[len(head):] if full[:len(head)] == head else None
+    if ids is None:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if add_eos and not (ids and ids[-1] in stop_ids(tokenizer)) else ids
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The tokens that end a response: EOS, the chat template's end-of-turn token (<|im_end|>, <|eot_id|>,
+    <end_of_turn>: the first special token it renders after an assistant's reply), and the EOS ids of the generation
+    config saved with the tokenizer (a model may list several)."""
+    return list(_stop_ids(tokenizer, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)))
+
+
+@functools.lru_cache(maxsize=16)  # computed once per tokenizer, not per row: rendering a chat template is slow
+def _stop_ids(tokenizer, eos_token_id: int, chat_template: str | None) -> tuple[int, ...]:
+    ids = [eos_token_id, *_generation_eos_ids(tokenizer.name_or_path)]
+    if chat_template:
+        reply = "minrlhf"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
+                                             tokenize=False)
+        special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
+        after = tokenizer(text[text.rfind(reply) + len(reply):], add_special_tokens=False)["input_ids"]
+        ids += [i for i in after if i in special][:1]
+    return tuple(dict.fromkeys(ids))
+
+
+@functools.cache
+def _generation_eos_ids(name_or_path: str) -> tuple[int, ...]:
+    try:
+        eos = transformers.GenerationConfig.from_pretrained(name_or_path).eos_token_id
+    except (OSError, ValueError):  # no generation config there (a tokenizer built in memory, a classifier)
+        return ()
+    return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Each prompt's ids, left-truncated to its last `max_tokens` (a response continues a prompt's end) so that
+    prompt + response fit the model's positions; says how many lost their start."""
+    if max_tokens < 1:
+        fail(f"--max_new_tokens leaves {max_tokens} of the model's positions to the prompt: lower it")
+    queries = [encode_prompt(tokenizer, p) for p in prompts]
+    if (cut := sum(len(q) > max_tokens for q in queries)) and rank() == 0:
+        print(f"note: {cut} of {len(queries)} prompts are longer than {max_tokens} tokens and lose their start")
+    return [q[-max_tokens:] for q in queries]
+
+
+# Data formats: standard and conversational, explicit or implicit prompt -----------------------------------------------
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def _render(messages: list[dict], tokenizer, generation_prompt: bool = False) -> str:
+    """Messages as text: through the chat template, or (without one) joined HH-style."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return "".join(f"\n\n{m['role'].capitalize()}: {m['content']}" for m in messages) + (
+        HH_ASSISTANT if generation_prompt else "")
+
+
+def _reply(prompt: str | list[dict], reply: str | list[dict], tokenizer) -> str:
+    """A completion as text. After a conversational prompt, TRL's rule: render prompt + reply with the chat template
+    and cut off the rendered prompt (with its generation prompt), so that the reply ends with the template's
+    end-of-turn token; anything after that token (a newline, say) goes, since generation stops at it and the reward
+    model reads its score there. Without a template, the reply's content."""
+    if isinstance(prompt, str):
+        if not isinstance(reply, str):
+            raise TypeError("a conversational completion needs a conversational prompt")
+        return reply
+    if isinstance(reply, str):  # a plain-text answer to a conversation
+        reply = [{"role": "assistant", "content": reply}]
+    if not getattr(tokenizer, "chat_template", None):
+        return reply[-1]["content"]
+    head, full = _render(prompt, tokenizer, True), _render(prompt + reply, tokenizer)
+    if not full.startswith(head):
+        raise ValueError("the chat template does not render prompt + reply as the prompt with its generation prompt, "
+                         "then the reply")
+    text = full[len(head):]
+    ends = [i + len(s) for s in map(tokenizer.decode, stop_ids(tokenizer)) if s and (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
+
+
+def implicit_prompt(chosen: str | list[dict], rejected: str | list[dict]) -> dict:
+    """The prompt that a preference pair without one shares, as TRL finds it, and the two completions after it.
+    Messages: every message but the last, an assistant's. Text: the longest common prefix, less a trailing space
+    (which goes with the completions); in an HH-RLHF transcript, the prefix up to its last "\n\nAssistant:"."""
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        if (isinstance(chosen, str) or isinstance(rejected, str) or chosen[:-1] != rejected[:-1]
+                or {chosen[-1]["role"], rejected[-1]["role"]} != {"assistant"}):
+            raise ValueError("conversational chosen and rejected must share every message but the last, the "
+                             "assistant's")
+        return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+    shared = os.path.commonprefix([chosen, rejected])
+    if (cut := shared.rfind(HH_ASSISTANT)) >= 0:  # HH-RLHF: the last turn is the assistant's answer
+        shared = shared[:cut + len(HH_ASSISTANT)]
+    elif shared.endswith(" "):
+        shared = shared[:-1]
+    return {"prompt": shared, "chosen": chosen[len(shared):], "rejected": rejected[len(shared):]}
+
+
+def standardize_row(row: dict, tokenizer) -> dict:
+    """One row of any of the FORMATS (standard or conversational, with explicit or implicit prompt) as
+    {"prompt", "completion", "chosen", "rejected"[, "margin"]} strings (None where missing). A conversational
+    prompt is rendered with its generation prompt, and each completion as what the template adds to it."""
+    if "query" in row and "responses" in row:  # RRHF: best and worst response by score
+        order = sorted(range(len(row["responses"])), key=lambda i: row["scores"][i])
+        row = {"prompt": row["query"], "chosen": row["responses"][order[-1]], "rejected": row["responses"][order[0]]}
+    elif "messages" in row:  # conversational SFT: the last turn is the completion
+        row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+    elif "chosen" in row and "rejected" in row and row.get("prompt") is None:
+        row = row | implicit_prompt(row["chosen"], row["rejected"])
+    elif "prompt" not in row:
+        raise ValueError("unknown format")
+    prompt = row["prompt"] if isinstance(row["prompt"], str) else _render(row["prompt"], tokenizer, True)
+    if row.get("chosen") is not None and row.get("rejected") is not None:
+        chosen, rejected = _reply(row["prompt"], row["chosen"], tokenizer), _reply(row["prompt"], row["rejected"], tokenizer)
+        return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected,
+                **({"margin": row["margin"]} if "margin" in row else {})}
+    completion = row.get("completion")
+    return {"prompt": prompt, "completion": None if completion is None else _reply(row["prompt"], completion, tokenizer),
+            "chosen": None, "rejected": None}
+
+
+FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (implicit prompt, HH-RLHF)",
+           "messages", "query/responses/scores (RRHF)")
+
+
+NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
+
+
+def _load_splits(name: str, config: str | None):
+    """A DatasetDict from a save_to_disk folder, a .json/.jsonl/.parquet file, or the hub."""
+    if os.path.isdir(name):
+        for state in [Path(name, "state.json"), *Path(name).glob("*/state.json")]:  # datasets fails on these vaguely
+            if state.exists() and not json.loads(state.read_text()).get("_data_files"):
+                fail(f"dataset {name} has an empty {state.parent.name if state.parent != Path(name) else 'train'!r} split")
+        loaded = datasets.load_from_disk(name)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+    if not name.endswith((".json", ".jsonl", ".parquet")):
+        return datasets.load_dataset(name, config)
+    if not os.path.exists(name):
+        fail(f"dataset file {name} not found")
+    if name.endswith((".json", ".jsonl")):  # name the line of a malformed row, which datasets does not
+        lines = [(i, line) for i, line in enumerate(Path(name).read_text().split("\n"), 1) if line.strip()]
+        for i, line in lines if name.endswith(".jsonl") else []:
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"dataset file {name}, line {i}: not valid JSON ({e.msg})")
+        if not lines:
+            fail(f"dataset file {name} is empty")
+    return datasets.load_dataset("parquet" if name.endswith(".parquet") else "json", data_files=name)
+
+
+def load_data(name: str, stage: str, tokenizer, config: str | None = None, train_split: str = "train",
+              test_split: str = "test", test_rows: int = 256, max_train_rows: int | None = None):
+    """Train and test rows standardized for a stage: "sft" (prompt, completion), "preference" (prompt, chosen,
+    rejected[, margin]) or "prompts" (prompt[, completion]). `name`: `toy`, a hub id, a .json/.jsonl/.parquet file
+    or a save_to_disk folder. Without a test split, the last `test_rows` rows of train (at most half) are held out."""
+    try:
+        splits = toy_dataset(stage) if name == TOY else _load_splits(name, config)
+    except Exception as e:  # noqa: BLE001 (unreadable data: the user's to fix)
+        fail(f"cannot load dataset {name} ({str(e).splitlines()[0]})")
+    if train_split not in splits:
+        fail(f"dataset {name} has no split {train_split!r} (it has {list(splits)}): pass --dataset_train_split")
+    train, test = splits[train_split], splits.get(test_split)
+    if test is None:  # hold out the last rows, at most half of a small dataset
+        if (held_out := min(test_rows, len(train) // 2)) == 0:
+            fail(f"dataset {name} has {len(train)} rows in split {train_split!r}: too few to train and evaluate")
+        test, train = train.select(range(len(train) - held_out, len(train))), train.select(range(len(train) - held_out))
+    if len(train) == 0 or len(test) == 0:
+        fail(f"dataset {name} has an empty {train_split if len(train) == 0 else test_split!r} split")
+    test = test.select(range(min(test_rows, len(test))))
+    train = train.select(range(min(max_train_rows or len(train), len(train))))
+    return _standardize(train, name, stage, tokenizer), _standardize(test, name, stage, tokenizer)
+
+
+def _standardize(dataset, name: str, stage: str, tokenizer) -> list[dict]:
+    columns, formats = dataset.column_names, ", ".join(FORMATS)
+    try:
+        rows = [standardize_row(row, tokenizer) for row in dataset]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        fail(f"dataset {name} has columns {columns}, which fit no accepted format ({e}); accepted: {formats}")
+    if missing := [k for k in NEEDS[stage] if not rows or rows[0][k] is None]:
+        fail(f"dataset {name} has columns {columns}, but the {stage} stage needs {', '.join(missing)}; "
+             f"accepted formats: {formats}")
+    return rows
+
+
+# ======================================================================================================================
+# 4. The toy world: a word-level grammar of movie reviews with a known gold reward. A copier deletes from here
+#    to the end of the file; nothing above reaches it but a `toy` model, tokenizer or dataset name.
+# ======================================================================================================================
+
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 NOUNS = ("movie film plot story acting cast ending music script dialogue pacing soundtrack director camera "
          "humor villain hero scenery costumes effects sequel finale characters editing writing lighting").split()
-
-
 ADJECTIVES = {  # valence of each adjective, -2 .. +2
     **dict.fromkeys("great amazing wonderful brilliant superb excellent fantastic beautiful stunning".split(), 2.0),
     **dict.fromkeys("good fun nice charming solid clever enjoyable pleasant".split(), 1.0),
@@ -930,18 +941,12 @@ ADJECTIVES = {  # valence of each adjective, -2 .. +2
     **dict.fromkeys("bad poor boring slow weak bland silly dull messy mediocre confusing".split(), -1.0),
     **dict.fromkeys("awful terrible horrible dreadful painful".split(), -2.0),
 }
-
-
 VERBS = {  # past tense -> (base form, valence)
     "loved": ("love", 2.0), "adored": ("adore", 2.0), "liked": ("like", 1.0), "enjoyed": ("enjoy", 1.0),
     "watched": ("watch", 0.0), "disliked": ("dislike", -1.0), "hated": ("hate", -2.0), "regretted": ("regret", -2.0),
 }
-
-
 INTENSIFIERS = {"very": 1.5, "really": 1.5, "truly": 1.5, "extremely": 2.0, "quite": 1.2,
                 "somewhat": 0.5, "slightly": 0.5}
-
-
 ADVERBS = {"really": 1.5, "truly": 1.5, "honestly": 1.0, "mostly": 0.5}
 VALENCE = {**ADJECTIVES, **{past: v for past, (_, v) in VERBS.items()}, **{base: v for base, v in VERBS.values()}}
 MULTIPLIER = {**INTENSIFIERS, **ADVERBS}
