@@ -146,7 +146,7 @@ if __name__ == "__main__":
     rng, order, start = random.Random(args.seed), [], 1  # the loop's state, fresh or resumed
     if run.resumed:
         rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1
-    if run.main:
+    if common.rank() == 0:
         print(f"{len(train)} training examples, {num_steps} steps, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device} x {world_size}")
 
