@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn
@@ -44,21 +44,18 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: GPT-2 in transformers 5 does not derive them from the mask in a plain
-    forward pass, and left-padded rows would get wrong log-probs."""
+    """Position ids that skip left padding, which GPT-2's plain forward pass (transformers 5) does not derive."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def forward(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Model forward with mask-derived position ids, and no KV cache (a training or scoring pass has no next token);
-    returns the model output."""
+    """Model forward with mask-derived position ids and no KV cache (a training or scoring pass has no next token)."""
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(label) under softmax(logits / temperature): the label's logit minus the logsumexp, which never
-    holds a second (B, T, V) tensor of log-probs. logits (B, T, V), labels (B, T) -> (B, T). The fp32 copy of the
-    logits lives only for this call: pass one micro-batch (or one generation step) at a time."""
+    """log pi(label) under softmax(logits / temperature), (B, T, V) and (B, T) -> (B, T): the label's logit minus the
+    logsumexp, never a second (B, T, V) tensor; the fp32 copy lives for this call only (pass a micro-batch)."""
     logits = logits.float() / temperature
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
@@ -66,7 +63,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
 def response_logprobs(model, query_response: torch.Tensor, mask: torch.Tensor, context_len: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """Log-probs (B, R) of the response part of query_response, mask (B, context_len + R). The logit at position t
-    predicts token t+1, hence the shift by one. The (B, R, V) logits are not returned: nothing holds them past this call."""
+    predicts token t+1, hence the shift by one; no (B, R, V) logits outlive this call."""
     logits = forward(model, query_response, mask).logits[:, context_len - 1:-1]
     return logprobs_from_logits(logits, query_response[:, context_len:], temperature)
 
@@ -78,17 +75,15 @@ def in_chunks(fn, size: int, *rows) -> torch.Tensor:
 
 
 def truncate_after_eos(responses: torch.Tensor, eos_ids: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask (B, R) of response tokens up to and including the first stop token (any of eos_ids: stop_ids); and (B,)
-    whether one came."""
+    """Mask (B, R) of the tokens up to and including the first stop token (any of eos_ids); (B,) whether one came."""
     is_eos = torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device)).long()
     return ((is_eos.cumsum(-1) - is_eos) == 0).long(), is_eos.bool().any(-1)
 
 
 class _SampledLogprobs(transformers.LogitsProcessor):
-    """Reads log pi(a_t) of each generated token as generation goes, so that no (B, R, V) logits are kept: each call
-    gets the raw logits of step t (transformers runs a processor passed to generate() before its own temperature) and
-    the tokens up to t - 1, so it keeps one step's fp32 logits / T and reads the log-prob of the token drawn from them
-    at the next call. Sampling is untouched: the logits go on as they came."""
+    """Reads log pi(a_t) of each generated token as generation goes, keeping no (B, R, V) logits. A processor passed
+    to generate() runs before its temperature, so each call gets step t's raw logits and the tokens up to t - 1: it
+    keeps the step's fp32 logits / T and reads the drawn token's log-prob at the next call. Sampling is untouched."""
 
     def __init__(self, temperature: float):
         self.temperature, self.logits, self.logprobs = temperature, None, []
@@ -107,11 +102,10 @@ class _SampledLogprobs(transformers.LogitsProcessor):
 @torch.no_grad()
 def generate(model, queries: torch.Tensor, query_mask: torch.Tensor, tokenizer, max_new_tokens: int,
              temperature: float = 1.0, greedy: bool = False):
-    """Sample responses for left-padded queries (B, Q) with the KV cache, each ending at its first stop token (EOS
-    or the chat template's end of turn: stop_ids). Returns responses (B, R <= max_new_tokens) padded after it,
-    response_mask (B, R) up to and including it, ended (B,) (a stop token came), and the log-probs (B, R) of the
-    sampled tokens under softmax(logits / temperature), read step by step (the old log-probs of PPO without another
-    forward pass, and without keeping the (B, R, V) logits)."""
+    """Sample responses for left-padded queries (B, Q) with the KV cache, each ending at its first stop token (EOS or
+    the chat template's end of turn: stop_ids). -> responses (B, R <= max_new_tokens) padded after it, response_mask
+    (B, R) up to and including it, ended (B,) (a stop token came), and the sampled tokens' log-probs (B, R) under
+    softmax(logits / temperature), read step by step: PPO's old log-probs, without a second pass or (B, R, V) logits."""
     # Only softmax(logits / T): a hub model's own generation config (repetition penalty, suppressed tokens, ...)
     # would sample from another distribution than our log-probs, so generate() sees a config of ours alone.
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
@@ -149,9 +143,8 @@ class TokenScores(torch.nn.Module):
         self.classifier = classifier
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.classifier.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                                            use_cache=False)
-        return self.classifier.score(hidden.last_hidden_state).squeeze(-1).float()
+        hidden = forward(self.classifier.base_model, ids, mask).last_hidden_state  # the module-level forward()
+        return self.classifier.score(hidden).squeeze(-1).float()
 
 
 def last_token_scores(model: TokenScores, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -228,10 +221,9 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
-    """Collective: the mean of x where mask is 1, over every rank's entries. Each rank divides its sum by the mean
-    count over ranks, so that the mean over ranks of this value (what DDP does to gradients, all_mean to statistics)
-    is the mean over all entries. For a micro-batch, `count` is this rank's count in the whole minibatch: the
-    micro-batches' values then add up to the minibatch's mean, not a mean of means."""
+    """Collective: the mean of x where mask is 1, over all ranks' entries: each rank divides its sum by the mean count
+    over ranks, so that the mean over ranks (DDP's of gradients, all_mean's of statistics) is the overall mean. For a
+    micro-batch, `count` is this rank's count in its minibatch: the micro-batches' values add up to the minibatch's."""
     count = mask.sum() if count is None else torch.as_tensor(count, device=mask.device)
     return (x * mask).sum() / all_mean(count.float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
 
@@ -286,8 +278,8 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
                                                                      max_new_tokens, temperature, greedy)
                 ids, mask = torch.cat([query_ids, responses], 1), torch.cat([query_mask, response_mask], 1)
                 chunk = micro_batch_size or len(ids)
-                ref_logprobs = in_chunks(functools.partial(response_logprobs, ref_policy, context_len=query_ids.shape[1],
-                                                           temperature=temperature), chunk, ids, mask)
+                ref_logprobs = in_chunks(functools.partial(response_logprobs, ref_policy, temperature=temperature,
+                                                           context_len=query_ids.shape[1]), chunk, ids, mask)
                 if real:  # a reward, never the policy: no padding needed
                     scores = in_chunks(score_fn, chunk, batch_prompts, query_ids[:real], query_mask[:real],
                                        responses[:real], response_mask[:real])
@@ -326,12 +318,12 @@ RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "summary.json")
 SEED_STRIDE = 100003  # N+ detail: rank r seeds its RNGs with seed + r * SEED_STRIDE
 _interrupt_note = ""  # what Ctrl-C prints: where the last checkpoint is and how to resume (set by setup, Run.save)
 _resume_command = ""
+_peak_cuda = 0  # the highest peak GPU memory seen before a phase_peak reset
 
 
 def setup(args) -> tuple[torch.device, int, int]:
-    """Start a run before anything is loaded: check --output_dir and --device, join torchrun's process group (NCCL,
-    one GPU per rank, on CUDA; gloo on CPU), seed each rank apart (N+ detail: seed + rank * 100003), and install the
-    Ctrl-C handler, which prints this module's _interrupt_note. -> device, rank, world_size."""
+    """Start a run before anything loads: check --output_dir and --device, join torchrun's process group (NCCL, a GPU
+    per rank, on CUDA; gloo on CPU), seed each rank apart, install the Ctrl-C handler. -> device, rank, world_size"""
     out = Path(args.output_dir)
     if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         fail("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N (N >= 2), or drop it")
@@ -388,10 +380,9 @@ def _interrupted(*_) -> NoReturn:
 
 def distribute(model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
     """A trained model under torchrun: replicated (DDP: a full copy per process, gradients all-reduced) or, with
-    `fsdp`, sharded (FSDP2: each decoder layer, then the whole model; a process holds 1/N of the weights, gradients and
-    optimizer state, and gathers a layer's weights only while it runs). fp32 master weights either way; under FSDP on
-    CUDA the gathered weights are cast to bf16 and gradients reduced in fp32. Unchanged in one process. Build the
-    optimizer afterwards: FSDP replaces the parameters."""
+    `fsdp`, sharded (FSDP2: each decoder layer, then the root; a process holds 1/N of the weights, gradients and
+    optimizer state, and gathers a layer's weights only while it runs). fp32 master weights either way; FSDP on CUDA
+    computes in bf16 and reduces gradients in fp32. Build the optimizer afterwards: FSDP replaces the parameters."""
     if world_size() == 1:
         return model
     if not fsdp:
@@ -439,9 +430,6 @@ def write_json(path: str | Path, obj) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-_peak_cuda = 0  # the highest peak seen before a phase_peak reset
-
-
 def phase_peak(device: torch.device, phase: str) -> dict:
     """{"memory/<phase>_gb": the peak GPU memory allocated since the last call}, and a reset, on CUDA; {} on a CPU,
     where the peak resident memory cannot be reset."""
@@ -462,17 +450,11 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
 class Run:
-    """A run folder, written by rank 0: one stdout line per logged step, metrics.jsonl, TensorBoard (if installed)
-    and W&B (--track); args.json (the flags, world_size and the sizes the script derives from them); checkpoints; the
-    final model, samples and summary. `state` names what a checkpoint holds besides the RNGs and the loop's values
-    (models, optimizer, scheduler: anything with state_dict and load_state_dict); --resume loads them here, and
-    `resumed` holds the loop's values saved with them. Every rank builds it and calls its methods (collectives)."""
+    """A run folder, written by rank 0: a stdout line per logged step, metrics.jsonl, TensorBoard (if installed), W&B
+    (--track); args.json (flags, world_size, `derived` sizes); checkpoints; the final model, samples and summary.
+    Every rank builds it. `state` names what a checkpoint holds besides the RNGs and the loop's values: anything with
+    state_dict and load_state_dict (models, optimizer, scheduler); --resume loads them, `resumed` the loop's values."""
 
     def __init__(self, args, state: dict, derived: dict | None = None):
         self.state, self.dir = state, Path(args.output_dir)
@@ -480,8 +462,8 @@ class Run:
         self.resumed, offset = None, 0
         # FSDP: sharded models and their optimizer go through torch.distributed.checkpoint, each rank its own shard
         self.shard_models = torch.nn.ModuleDict({name: obj for name, obj in state.items() if sharded(obj)})
-        self.shard_optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)
-                                 ] if len(self.shard_models) else []
+        optimizers = [obj for obj in state.values() if isinstance(obj, torch.optim.Optimizer)]
+        self.shard_optimizers = optimizers if len(self.shard_models) else []
         self.sharded = {*self.shard_models, *(n for n, obj in state.items() if obj in self.shard_optimizers)}
         if args.resume:
             saved = torch.load(self.checkpoint, map_location="cpu", weights_only=False)
@@ -511,11 +493,9 @@ class Run:
         self.metrics.truncate(offset)  # lines logged after the checkpoint are dropped
         self.metrics.seek(offset)
         write_json(self.dir / "args.json", asdict(args) | {"world_size": world_size(), "derived": derived or {}})
-        try:
+        with suppress(ImportError):  # TensorBoard is optional
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=self.resumed["step"] + 1 if args.resume else None)
-        except ImportError:
-            pass
         if args.track:
             import wandb
             self.wandb = wandb.init(project="minrlhf", config=asdict(args), name=self.dir.name)
@@ -581,7 +561,9 @@ class Run:
     def save(self, step: int, **loop) -> None:
         """Collective: checkpoint the `state` objects, every rank's RNGs, the loop's values (rank 0's: they must agree
         across ranks) and where metrics.jsonl ends; atomically (a temporary file renamed): a kill leaves a whole one."""
-        rngs, shards = gather([_rng_state()]), {}
+        rngs = gather([{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}])
+        shards = {}
         if self.sharded:  # every rank writes its shards into a new folder, which checkpoint.pt then names
             import torch.distributed.checkpoint as dcp
             shards = {"shards": f"shards-{step}"}
@@ -672,12 +654,10 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
                device: torch.device | str = "cpu", frozen: bool = False, gradient_checkpointing: bool = False):
     """A causal LM ("causal") or a scalar-head classifier ("score") on `device`, dropout off (N+ detail: it would make
     PPO's ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0.
-
-    Precision. transformers 5 loads a checkpoint in the dtype it was stored in (bf16 or fp16 for most hub models), and
-    AdamW on bf16 weights rounds most small updates away (fp16's second moment underflows). So a trained model holds
-    fp32 master weights (and so fp32 optimizer state); compute runs in bf16 under autocast on CUDA. A `frozen` model
-    (reference policy, reward model during RL) runs in bf16 on CUDA, half the memory, and fp32 on a CPU. The stored
-    dtype is kept in `model.stored_dtype`: Run.finish saves the model in it. `gradient_checkpointing` recomputes each
+    Precision: transformers 5 loads a checkpoint in its stored dtype (bf16 or fp16 for most hub models), and AdamW on
+    bf16 weights rounds most small updates away (fp16's second moment underflows). So a trained model holds fp32 master
+    weights (and optimizer state) and computes in bf16 under autocast on CUDA; a `frozen` one (reference policy, reward
+    model during RL) runs in bf16 on CUDA, half the memory, fp32 on a CPU. `gradient_checkpointing` recomputes each
     layer's activations in the backward pass (it acts in train() mode; generation in eval() mode keeps its KV cache)."""
     if name_or_path == TOY:
         model = toy_model(tokenizer, kind)
@@ -702,10 +682,9 @@ def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "
         for name, value in list(vars(module).items()):
             if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
                 setattr(module, name, 0.0)
-    stored_dtype = next(model.parameters()).dtype
+    model.stored_dtype = next(model.parameters()).dtype  # the checkpoint's: Run.finish saves the model in it
     device = torch.device(device)
     model.to(device=device, dtype=torch.bfloat16 if frozen and device.type == "cuda" else torch.float32)
-    model.stored_dtype = stored_dtype
     if frozen:
         model.requires_grad_(False).eval()
     if gradient_checkpointing:  # non-reentrant: gradients reach the weights even when the inputs need none
@@ -731,10 +710,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 def encode_completion(tokenizer, completion: str, add_eos: bool = True, prompt: str | None = None) -> list[int]:
     """A completion's ids, ending with a stop token: EOS is appended (add_eos) unless the text ends with one already,
-    as a chat template's turn ends with its end-of-turn token. Given its prompt, the ids of prompt + completion past
-    the prompt's (TRL's rule: a tokenizer may merge across the seam, and SentencePiece marks a text's first word);
-    alone, or where the seam changes the prompt's ids, the completion's own, with add_special_tokens=False (no
-    second <bos>)."""
+    as a chat template's turn does. Given its prompt, the ids of prompt + completion past the prompt's (TRL's rule: a
+    tokenizer may merge across the seam, and SentencePiece marks a text's first word); alone, or where the seam changes
+    the prompt's ids, the completion's own, with add_special_tokens=False (no second <bos>)."""
     ids = None
     if prompt is not None:
         head, full = encode_prompt(tokenizer, prompt), encode_prompt(tokenizer, prompt + completion)
@@ -745,15 +723,17 @@ def encode_completion(tokenizer, completion: str, add_eos: bool = True, prompt: 
 
 
 def stop_ids(tokenizer) -> list[int]:
-    """The tokens that end a response: EOS, the chat template's end-of-turn token (<|im_end|>, <|eot_id|>,
-    <end_of_turn>: the first special token it renders after an assistant's reply), and the EOS ids of the generation
-    config saved with the tokenizer (a model may list several)."""
+    """The tokens that end a response: EOS, the chat template's end of turn (<|im_end|>, <|eot_id|>, <end_of_turn>: the
+    first special token it renders after an assistant's reply) and the generation config's EOS ids (maybe several)."""
     return list(_stop_ids(tokenizer, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None)))
 
 
 @functools.lru_cache(maxsize=16)  # computed once per tokenizer, not per row: rendering a chat template is slow
 def _stop_ids(tokenizer, eos_token_id: int, chat_template: str | None) -> tuple[int, ...]:
-    ids = [eos_token_id, *_generation_eos_ids(tokenizer.name_or_path)]
+    ids = [eos_token_id]
+    with suppress(OSError, ValueError):  # no generation config there (a tokenizer built in memory, a classifier)
+        eos = transformers.GenerationConfig.from_pretrained(tokenizer.name_or_path).eos_token_id
+        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
     if chat_template:
         reply = "minrlhf"
         text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
@@ -762,15 +742,6 @@ def _stop_ids(tokenizer, eos_token_id: int, chat_template: str | None) -> tuple[
         after = tokenizer(text[text.rfind(reply) + len(reply):], add_special_tokens=False)["input_ids"]
         ids += [i for i in after if i in special][:1]
     return tuple(dict.fromkeys(ids))
-
-
-@functools.cache
-def _generation_eos_ids(name_or_path: str) -> tuple[int, ...]:
-    try:
-        eos = transformers.GenerationConfig.from_pretrained(name_or_path).eos_token_id
-    except (OSError, ValueError):  # no generation config there (a tokenizer built in memory, a classifier)
-        return ()
-    return tuple(eos) if isinstance(eos, list) else () if eos is None else (eos,)
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[int]]:
@@ -786,6 +757,9 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> list[list[
 
 # Data formats: standard and conversational, explicit or implicit prompt -----------------------------------------------
 
+FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (implicit prompt, HH-RLHF)",
+           "messages", "query/responses/scores (RRHF)")
+NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
 HH_ASSISTANT = "\n\nAssistant:"
 
 
@@ -858,13 +832,6 @@ def standardize_row(row: dict, tokenizer) -> dict:
     completion = row.get("completion")
     return {"prompt": prompt, "completion": None if completion is None else _reply(row["prompt"], completion, tokenizer),
             "chosen": None, "rejected": None}
-
-
-FORMATS = ("prompt", "prompt/completion", "prompt/chosen/rejected", "chosen/rejected (implicit prompt, HH-RLHF)",
-           "messages", "query/responses/scores (RRHF)")
-
-
-NEEDS = {"sft": ("prompt", "completion"), "preference": ("prompt", "chosen", "rejected"), "prompts": ("prompt",)}
 
 
 def _load_splits(name: str, config: str | None):
@@ -951,6 +918,7 @@ ADVERBS = {"really": 1.5, "truly": 1.5, "honestly": 1.0, "mostly": 0.5}
 VALENCE = {**ADJECTIVES, **{past: v for past, (_, v) in VERBS.items()}, **{base: v for base, v in VERBS.values()}}
 MULTIPLIER = {**INTENSIFIERS, **ADVERBS}
 NEGATION = -0.5  # "not great" is mildly negative, "not bad" mildly positive
+EXPERT_DRAFTS = 4  # an RL prompt's demonstration is the best of this many grammar samples by gold (toy_dataset)
 
 # A sentence form is a list of slots; a slot is a word or a tuple of choices ("" = skip it).
 _ADJ_PHRASE = [("", "", "not"), ("", "") + tuple(INTENSIFIERS), tuple(ADJECTIVES), "."]
@@ -1045,32 +1013,27 @@ def toy_tokenizer():
 
 
 def toy_model(tokenizer, kind: str = "causal"):
-    """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off: a causal
-    LM, or with kind="score" a scalar-head classifier."""
+    """A ~0.8M-parameter GPT-2 over the toy vocabulary, randomly initialized, dropout off; `kind` as in load_model."""
     # "gelu" (one fused op), not GPT-2's "gelu_new" (a tanh formula of eight): faster passes on a CPU
     config = transformers.GPT2Config(
         vocab_size=len(tokenizer), n_positions=128, n_embd=128, n_layer=4, n_head=4, activation_function="gelu",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1)
     auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
-    # seeded from the run's seed, not the RNG's state, so that a run's policy and reference start equal
-    # (setup() gave each rank seed + rank * 100003: the run's seed is the same on every rank)
+    # seeded by the run's seed (setup()'s, less rank * SEED_STRIDE), not the RNG state: policy and reference start equal
     with torch.random.fork_rng():
         torch.manual_seed(torch.initial_seed() - rank() * SEED_STRIDE)
         return auto.from_config(config)
-
-
-EXPERT_DRAFTS = 4  # an RL prompt's demonstration is the best of this many grammar samples by gold
 
 
 @functools.cache
 def toy_dataset(kind: str, seed: int = 0, n_train: int | None = None, n_test: int = 256, k: float = 3.0,
                 c: float = 0.1):
     """Deterministic toy datasets in TRL's formats. "sft" (4000 training rows): prompt (a review's first 2-4 words),
-    completion (the rest). "prompts" (4000): the same prompts' stream, but the completion is an expert's
-    demonstration: the best by gold of EXPERT_DRAFTS reviews that start with the prompt (the first of them the
-    row's own review), better than the SFT data as human demonstrations are better than a small SFT model.
-    "preference" (8000 training pairs): prompt, chosen, rejected, gold_chosen_better: two reviews labeled by an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) +
+    completion (the rest). "prompts" (4000): the same prompts, but the completion is an expert's demonstration: the
+    best by gold of EXPERT_DRAFTS reviews that start with the prompt (the row's own review first), better than the SFT
+    data as human demonstrations are better than a small SFT model. "preference" (8000 pairs): prompt, chosen,
+    rejected, gold_chosen_better: two reviews labeled by an annotator with P(a > b) = sigmoid(k (gold_a - gold_b) +
     c (len_a - len_b)): noisy, and partial to length (k, c and the pairs: benchmark/RESULTS.md's annotator sweep)."""
     if n_train is None:
         n_train = 8000 if kind == "preference" else 4000
