@@ -231,6 +231,27 @@ def omit_long(ended: torch.Tensor, *rows):
     return [r[keep] if isinstance(r, torch.Tensor) else [r[i] for i in keep.tolist()] for r in rows]
 
 
+@torch.no_grad()
+def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+               response_mask: torch.Tensor, *, reward: str, tokenizer, device: torch.device, target_length: int,
+               reward_model: common.TokenScores | None = None, rm_tokenizer=None, same_vocab: bool = True) -> torch.Tensor:
+    """The score of each response (B,): the reward model's, read at the response's last real
+    token, its EOS (N+); or the toy world's gold reward; or the golden length reward (target_length
+    tokens). A reward model without the policy's vocabulary (same_vocab False) reads the text, encoded
+    by rm_tokenizer. The script binds the keywords with partial(): a batch -> scores function."""
+    if reward == "gold":
+        texts = common.decode_responses(tokenizer, responses, response_mask)
+        return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
+    if reward == "length":
+        n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
+        return common.length_reward(n_tokens, target_length)
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
+        ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+    with common.autocast(device):
+        return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO-max: the new math (Zheng et al. 2023, section 5.4).
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +376,7 @@ if __name__ == "__main__":
     test_queries = common.encode_prompts(tokenizer, [r["prompt"] for r in test_rows], max_prompt_tokens)
     ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
     value_init = args.sft_model_path
+    reward_model, rm_tokenizer, same_vocab = None, None, True  # no reward model with --reward gold or length
     if args.reward == "model":
         hint = "run `python reward_model.py` first or pass --reward_model_path"
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, hint)
@@ -383,26 +405,13 @@ if __name__ == "__main__":
         start = iterations.index(start) + 1  # PPO-max: the entry after the checkpoint's step
         score_moments = run.resumed["score_moments"]  # PPO-max
 
-    @torch.no_grad()
-    def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-                   response_mask: torch.Tensor) -> torch.Tensor:
-        """The score of each response (B,): the reward model's, read at the response's last real
-        token, its EOS (N+); or the toy world's gold reward; or the golden length reward."""
-        if args.reward == "gold":
-            texts = common.decode_responses(tokenizer, responses, response_mask)
-            return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
-        if args.reward == "length":
-            n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
-            return common.length_reward(n_tokens, args.target_length)
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
-            ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
-        with common.autocast(device):
-            return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+    score_fn = partial(get_scores, reward=args.reward, tokenizer=tokenizer, device=device,
+                       target_length=args.target_length, reward_model=reward_model, rm_tokenizer=rm_tokenizer,
+                       same_vocab=same_vocab)  # (prompts, queries, query_mask, responses, response_mask) -> (B,)
 
     def evaluate(step: int, greedy: bool = False) -> tuple[dict, list[dict]]:
         metrics, samples = common.evaluate(policy, ref_policy, tokenizer, [r["prompt"] for r in test_rows],
-                                           test_queries, get_scores, args.max_new_tokens, args.temperature, greedy,
+                                           test_queries, score_fn, args.max_new_tokens, args.temperature, greedy,
                                            micro_batch_size=micro_batch_size)
         if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
@@ -437,7 +446,7 @@ if __name__ == "__main__":
             t1, memory = time.time(), common.phase_peak(device, "generation")
 
             # ---- 2. score the responses; reference log-probs and values of the rollout (in micro-batches) ----
-            scores = common.in_chunks(get_scores, micro_batch_size, prompts, queries, query_mask, responses,
+            scores = common.in_chunks(score_fn, micro_batch_size, prompts, queries, query_mask, responses,
                                       response_mask)
             context_len = queries.shape[1]
             query_response = torch.cat([queries, responses], 1)

@@ -16,6 +16,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -194,6 +195,27 @@ def sample(model, tokenizer, query_ids: list[list[int]], k: int, max_new_tokens:
     return [flat[i * k:(i + 1) * k] for i in range(len(query_ids))]
 
 
+@torch.no_grad()
+def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
+               response_mask: torch.Tensor, *, reward: str, tokenizer, device: torch.device, target_length: int,
+               reward_model: common.TokenScores | None = None, rm_tokenizer=None, same_vocab: bool = True) -> torch.Tensor:
+    """The score of each response (B,): the reward model's, read at the response's last real
+    token, its EOS; or the toy world's gold reward; or the golden length reward (target_length
+    tokens). A reward model without the policy's vocabulary (same_vocab False) reads the text, encoded
+    by rm_tokenizer. The script binds the keywords with partial(): a batch -> scores function."""
+    if reward == "gold":
+        texts = common.decode_responses(tokenizer, responses, response_mask)
+        return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
+    if reward == "length":
+        n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
+        return common.length_reward(n_tokens, target_length)
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
+        ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+    with common.autocast(device):
+        return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+
+
 def read_rrhf_data(path: str) -> list[dict]:
     """Rows {"query": str, "responses": [str], "scores": [float]} of the released RRHF code's format,
     as {"prompt", "responses", "scores"}."""
@@ -257,6 +279,7 @@ if __name__ == "__main__":
     ref_policy = None  # needed during training only to sample from or for the KL term
     if "initial" in sources or args.kl_coef:
         ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
+    reward_model, rm_tokenizer, same_vocab = None, None, True  # no reward model with --reward gold or length
     if args.reward == "model":
         rm_hint = "run `python reward_model.py` first or pass --reward_model_path"
         rm_tokenizer = common.load_tokenizer(args.reward_model_path, rm_hint)
@@ -279,26 +302,13 @@ if __name__ == "__main__":
         print(f"{num_steps} steps of {args.queries_per_step} queries, sources {', '.join(sources)}, "
               f"{num_models} model(s) in memory, on {device} x {world_size}")
 
-    @torch.no_grad()
-    def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
-                   response_mask: torch.Tensor) -> torch.Tensor:
-        """The score of each response (B,): the reward model's, read at the response's last real
-        token, its EOS; or the toy world's gold reward; or the golden length reward."""
-        if args.reward == "gold":
-            texts = common.decode_responses(tokenizer, responses, response_mask)
-            return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
-        if args.reward == "length":
-            n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
-            return common.length_reward(n_tokens, args.target_length)
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
-            ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
-        with common.autocast(device):
-            return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+    score_fn = partial(get_scores, reward=args.reward, tokenizer=tokenizer, device=device,
+                       target_length=args.target_length, reward_model=reward_model, rm_tokenizer=rm_tokenizer,
+                       same_vocab=same_vocab)  # (prompts, queries, query_mask, responses, response_mask) -> (B,)
 
     def evaluate(step: int, reference) -> tuple[dict, list[dict]]:
         metrics, samples = common.evaluate(policy, reference, tokenizer, [r["prompt"] for r in test_rows], test_queries,
-                                           get_scores, args.max_new_tokens, args.temperature,
+                                           score_fn, args.max_new_tokens, args.temperature,
                                            batch_size=args.eval_batch_size, micro_batch_size=args.micro_batch_size)
         if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
@@ -343,7 +353,7 @@ if __name__ == "__main__":
         # whatever the reward gives it (the reward model reads its last token).
         if todo:
             flat_rewards[todo] = common.in_chunks(
-                get_scores, args.micro_batch_size or len(todo), [train_rows[flat[n][0]]["prompt"] for n in todo],
+                score_fn, args.micro_batch_size or len(todo), [train_rows[flat[n][0]]["prompt"] for n in todo],
                 queries[todo], query_mask[todo], responses[todo], response_mask[todo]).float()
         valid = torch.tensor([[j < len(candidates) for j in range(max(len(c) for _, c in batch))]
                               for _, candidates in batch], device=device)  # (Q, K)

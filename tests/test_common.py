@@ -1,5 +1,6 @@
-"""Unit tests of common.py (and sft.py's pure pieces): each checked against a deliberately naive,
-loop-based implementation or hand-computed values, and each SPEC.md correctness fact shown to hold."""
+"""Unit tests of common.py (and sft.py's pure pieces, and the RL scripts' get_scores built on it): each checked
+against a deliberately naive, loop-based implementation or hand-computed values, and each SPEC.md correctness fact
+shown to hold."""
 
 import copy
 import json
@@ -24,6 +25,9 @@ from transformers import (
 )
 
 import common
+import ppo
+import ppo_max
+import rrhf
 import sft
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +650,7 @@ def test_encode_prompts_keeps_the_end_of_long_prompts_and_counts_them(tok, capsy
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring: per-token scores, last-token scores, and what a script's score function combines.
+# Scoring: per-token scores, last-token scores, and the RL scripts' get_scores that combines them.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -683,23 +687,26 @@ def policy_responses(tok) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
     return completions, responses, response_mask
 
 
+SCORING_SCRIPTS = [ppo, ppo_max, rrhf]  # rcfd.py's get_scores, a closure of several components, is not among them
+
+
+@pytest.mark.parametrize("script", SCORING_SCRIPTS, ids=lambda script: script.__name__)
 @pytest.mark.parametrize("same_tokenizer", [True, False])
-def test_reward_model_scores_match_scoring_the_text_directly(same_tokenizer: bool, tok, tmp_path: Path) -> None:
-    """A script's reward: the policy's ids as they are, or (another tokenizer) retokenize() to the
-    reward model's; then last_token_scores. It must equal the reward model run on the text alone."""
+def test_reward_model_scores_match_scoring_the_text_directly(script, same_tokenizer: bool, tok, tmp_path: Path) -> None:
+    """A script's get_scores with --reward model: the policy's ids as they are, or (another tokenizer)
+    retokenize() to the reward model's; then last_token_scores. It must equal the reward model run on
+    the text alone."""
     rm_tok = tok if same_tokenizer else other_tokenizer()
     tiny_scorer("gpt2", rm_tok).save_pretrained(tmp_path)
     rm_tok.save_pretrained(tmp_path)
-    scorer = common.load_model(str(tmp_path), common.load_tokenizer(str(tmp_path)), "score")
+    rm_tokenizer = common.load_tokenizer(str(tmp_path))  # as the script loads them
+    scorer = common.load_model(str(tmp_path), rm_tokenizer, "score")
     prompts = [p for p, _ in REVIEWS]
     queries, query_mask = left_padded_queries(tok, prompts)
     completions, responses, response_mask = policy_responses(tok)
-    if same_tokenizer:
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-    else:
-        ids, mask = common.retokenize(prompts, responses, response_mask, tok, rm_tok)
-    with torch.no_grad():
-        scores = common.last_token_scores(common.TokenScores(scorer), ids, mask)
+    scores = script.get_scores(prompts, queries, query_mask, responses, response_mask, reward="model", tokenizer=tok,
+                               device=torch.device("cpu"), target_length=8, reward_model=common.TokenScores(scorer),
+                               rm_tokenizer=rm_tokenizer, same_vocab=same_tokenizer)
 
     expected = []
     for prompt, completion in zip(prompts, completions):
@@ -710,18 +717,21 @@ def test_reward_model_scores_match_scoring_the_text_directly(same_tokenizer: boo
     assert scores.tolist() == pytest.approx(expected, abs=1e-4)
 
 
-def test_gold_and_length_rewards_of_generated_responses(tok) -> None:
-    """The toy gold reward reads decode_responses' text; the golden length reward counts
-    response_length's tokens (EOS excluded), here against hand counts."""
+@pytest.mark.parametrize("script", SCORING_SCRIPTS, ids=lambda script: script.__name__)
+def test_gold_and_length_rewards_of_generated_responses(script, tok) -> None:
+    """A script's get_scores with --reward gold scores decode_responses' text, with --reward length it counts
+    response_length's tokens (EOS excluded): against the reviews' own text and hand counts."""
+    prompts = [p for p, _ in REVIEWS]
+    queries, query_mask = left_padded_queries(tok, prompts)
     _, responses, response_mask = policy_responses(tok)
-    texts = common.decode_responses(tok, responses, response_mask)
-    assert texts == [c for _, c in REVIEWS]
-    assert [common.gold_reward(p, t) for (p, _), t in zip(REVIEWS, texts)] == [
-        common.gold_reward(p, c) for p, c in REVIEWS]
+    assert common.decode_responses(tok, responses, response_mask) == [c for _, c in REVIEWS]
     lengths = common.response_length(responses, response_mask, tok.eos_token_id)
     assert lengths.tolist() == [len(c.split()) for _, c in REVIEWS]
-    expected = [1 - abs(len(c.split()) / 8 - 1) for _, c in REVIEWS]
-    assert common.length_reward(lengths, 8).tolist() == pytest.approx(expected)
+    batch, cpu = (prompts, queries, query_mask, responses, response_mask), torch.device("cpu")
+    gold = script.get_scores(*batch, reward="gold", tokenizer=tok, device=cpu, target_length=8)
+    assert gold.tolist() == pytest.approx([common.gold_reward(p, c) for p, c in REVIEWS])
+    length = script.get_scores(*batch, reward="length", tokenizer=tok, device=cpu, target_length=8)
+    assert length.tolist() == pytest.approx([1 - abs(len(c.split()) / 8 - 1) for _, c in REVIEWS])
 
 
 # ---------------------------------------------------------------------------------------------
