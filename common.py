@@ -325,7 +325,8 @@ def setup(args) -> tuple[torch.device, int, int]:
     """Start a run before anything loads: check --output_dir and --device, join torchrun's process group (NCCL, a GPU
     per rank, on CUDA; gloo on CPU), seed each rank apart, install the Ctrl-C handler. -> device, rank, world_size"""
     out = Path(args.output_dir)
-    if getattr(args, "fsdp", False) and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if getattr(args, "fsdp", False) and world_size < 2:
         fail("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N (N >= 2), or drop it")
     holds_run = any((out / f).exists() for f in RUN_FILES)
     if args.resume and not (out / "checkpoint.pt").exists():
@@ -357,7 +358,6 @@ def setup(args) -> tuple[torch.device, int, int]:
         fail(f"--device {args.device}: use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but torch finds no CUDA device: use --device cpu")
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
         if device == "cuda":
             device = f"cuda:{os.environ['LOCAL_RANK']}"
