@@ -183,8 +183,6 @@ def test_truncate_after_eos_and_response_length() -> None:
     mask, ended = common.truncate_after_eos(torch.tensor(rows), eos)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert ended.tolist() == [True, False, True, True]
-    for i, row in enumerate(rows):
-        assert (mask[i].tolist(), bool(ended[i])) == naive_response_mask(row, eos)
     responses = torch.tensor(rows).masked_fill(mask == 0, pad_id)
     lengths = common.response_length(responses, mask, eos)  # EOS excluded
     assert lengths.tolist() == [1, 4, 0, 3]
@@ -287,9 +285,8 @@ def test_a_score_model_from_a_causal_lm_gets_a_zero_head_and_a_saved_one_keeps_i
 def test_sft_tokenize_masks_the_prompt_and_learns_eos(tok, capsys) -> None:
     [(ids, labels)] = sft.tokenize([{"prompt": "the plot was", "completion": "very good ."}], tok, 128)
     prompt, completion = words_to_ids(tok, "the plot was"), words_to_ids(tok, "very good .")
-    assert ids == [tok.bos_token_id, *prompt, *completion, tok.eos_token_id]
+    assert ids == [tok.bos_token_id, *prompt, *completion, tok.eos_token_id]  # no second <bos> before the completion
     assert labels == [-100] * (1 + len(prompt)) + completion + [tok.eos_token_id]
-    assert ids.count(tok.bos_token_id) == 1  # no second <bos> before the completion
     # an example longer than max_length is left out (cut, it would teach a response without its EOS)
     rows = [{"prompt": "the plot was", "completion": "very good ."}, {"prompt": "it was", "completion": "good ."}]
     short = words_to_ids(tok, "it was good .")

@@ -48,7 +48,6 @@ def test_kl_penalized_rewards_put_score_on_last_real_token():
     rewards, kl = ppo.kl_penalized_rewards(scores, logprobs, ref_logprobs, MASK, kl_coef=0.1)
     torch.testing.assert_close(rewards, naive_rewards(scores, logprobs, ref_logprobs, MASK, 0.1))
     assert torch.all(rewards[MASK == 0] == 0) and torch.all(kl[MASK == 0] == 0)
-    assert rewards[1, 4] == pytest.approx(-2.0 - 0.1 * (logprobs[1, 4] - ref_logprobs[1, 4]).item())
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
