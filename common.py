@@ -223,7 +223,7 @@ def gather(x: torch.Tensor | list) -> torch.Tensor | list:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
     """Collective: the mean of x where mask is 1, over all ranks' entries: each rank divides its sum by the mean count
     over ranks, so that the mean over ranks (DDP's of gradients, all_mean's of statistics) is the overall mean. For a
-    micro-batch, `count` is this rank's count in its minibatch: the micro-batches' values add up to the minibatch's."""
+    micro-batch, `count` is this rank's count in its minibatch: the micro-batch values sum to the minibatch's mean."""
     count = mask.sum() if count is None else torch.as_tensor(count, device=mask.device)
     return (x * mask).sum() / all_mean(count.float()).clamp(min=1 / world_size())  # no entries: 0, not NaN
 
@@ -453,8 +453,8 @@ def peak_memory_mb() -> float:
 class Run:
     """A run folder, written by rank 0: a stdout line per logged step, metrics.jsonl, TensorBoard (if installed), W&B
     (--track); args.json (flags, world_size, `derived` sizes); checkpoints; the final model, samples and summary.
-    Every rank builds it. `state` names what a checkpoint holds besides the RNGs and the loop's values: anything with
-    state_dict and load_state_dict (models, optimizer, scheduler); --resume loads them, `resumed` the loop's values."""
+    Every rank builds it. `state` names what a checkpoint holds besides the RNGs and the loop's values (`resumed` after
+    --resume): anything with state_dict and load_state_dict (models, optimizer, scheduler), which --resume loads."""
 
     def __init__(self, args, state: dict, derived: dict | None = None):
         self.state, self.dir = state, Path(args.output_dir)
@@ -1020,7 +1020,7 @@ def toy_model(tokenizer, kind: str = "causal"):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1)
     auto = transformers.AutoModelForCausalLM if kind == "causal" else transformers.AutoModelForSequenceClassification
-    # seeded by the run's seed (setup()'s, less rank * SEED_STRIDE), not the RNG state: policy and reference start equal
+    # the run's seed, the same on every rank, not the RNG's state: a run's policy and reference start equal
     with torch.random.fork_rng():
         torch.manual_seed(torch.initial_seed() - rank() * SEED_STRIDE)
         return auto.from_config(config)
