@@ -1,23 +1,15 @@
-"""Turn benchmark runs into a markdown table and PNG learning curves.
+"""Tables and learning curves from benchmark runs: folders `<name>_s<seed>` (metrics.jsonl, summary.json), where runs
+of the same name are seeds of one configuration, shown as mean ± (max - min) / 2 and as min-max bands.
 
-Runs live in folders named `<name>_s<seed>` (each with metrics.jsonl and summary.json); runs with
-the same name are seeds of one configuration, shown as mean ± spread (max - min) / 2 in tables
-and as min-max bands in plots.
+    python benchmark/report.py table runs/bench/pipeline --initial ppo
+    python benchmark/report.py curves runs/bench/overopt --out benchmark/figures/overopt.png   # needs matplotlib
+    python benchmark/report.py stability runs/bench/stability
 
-    python benchmark/report.py table runs/bench/pipeline --initial ppo  # markdown, from summary.json
-    python benchmark/report.py curves runs/bench/overopt --out benchmark/figures/overopt.png
-    python benchmark/report.py points runs/bench/overopt --at 20 50 100   # metrics at iterations
-    python benchmark/report.py timing runs/bench/pipeline               # where the time goes
-    python benchmark/report.py annotator runs/bench/annotator           # the annotator sweep, against its targets
-    python benchmark/report.py quickstart runs/bench/quickstart         # the README's quick start: three runs
-    python benchmark/report.py show runs/bench/length/table.md          # a table a study script wrote
-    python benchmark/report.py samples runs/bench/stability --n 2       # what the final policies write
-    python benchmark/report.py commits runs/bench                       # the commits the runs came from
-
-matplotlib is needed only for `curves` (pip install matplotlib).
+The other commands: points, timing, samples, annotator, quickstart, commits, show (below, and --help).
 """
 
 import json
+import math
 import re
 import statistics
 import sys
@@ -31,34 +23,35 @@ import tyro
 TABLE_KEYS = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "wall_time", "peak_memory_mb")
 TIMING_KEYS = ("time/generation", "time/scoring", "time/training", "eps", "tokens_per_second")
 CURVE_KEYS = ("gold/reward", "objective/scores", "objective/kl", "response/length", "gold/well_formed")
+STABILITY_KEYS = {"gold": "gold/reward", "learned reward": "objective/scores", "KL": "objective/kl",
+                  "length": "response/length", "perplexity": "perplexity", "ref perplexity": "ref_perplexity",
+                  "well-formed": "gold/well_formed", "score p90-p50": "monitor/score_tail"}
 
 
 @dataclass
 class Args:
-    command: tyro.conf.Positional[Literal["table", "curves", "points", "timing", "annotator", "quickstart", "show",
-                                          "commits", "samples"]]
-    """table: final summary.json values; curves: PNG learning curves; points: training metrics at
-    iterations; timing: median seconds per iteration in each stage, and throughput; annotator: the
-    annotator sweep (benchmark/annotator.sh), one row per setting, checked against its targets; quickstart:
-    the quick start's three runs (sft, reward_model, ppo); show: print a table file; commits: the commits
-    benchmark/run_all.sh recorded; samples: the first final-evaluation samples of each group's first seed"""
+    command: tyro.conf.Positional[Literal["table", "curves", "points", "timing", "stability", "annotator",
+                                          "quickstart", "show", "commits", "samples"]]
+    """table: final summary.json values; curves: PNG learning curves; points: training metrics at iterations;
+    timing: median seconds per iteration in each stage; stability: the stability study's windows of iterations;
+    annotator: the annotator sweep against its targets; quickstart: the quick start's three runs; show: print a
+    file; commits: the commits benchmark/run_all.sh recorded; samples: each group's first final samples"""
     runs: tyro.conf.Positional[Path]
     """folder holding the `<name>_s<seed>` run folders (show: the file)"""
     keys: tuple[str, ...] = ()
     """metrics to show (default: a standard set per command)"""
     at: tuple[int, ...] = (10, 25, 50, 100)
-    """iterations (`step`) at which `points` reads the training metrics"""
+    """`points`: iterations (`step`) to read"""
     out: Path = field(default_factory=lambda: Path("benchmark/figures/curves.png"))
-    """PNG file written by `curves`"""
+    """`curves`: the PNG file"""
     smooth: int = 5
-    """moving-average window (iterations) for `curves`"""
+    """`curves`: moving-average window (iterations)"""
     only: tuple[str, ...] = ()
-    """show only these run groups (names without the `_s<seed>` suffix), in this order"""
+    """show only these run groups (names without `_s<seed>`), in this order"""
     per_seed: bool = False
     """`table`, `timing`: a row per run (seed) instead of per group"""
     initial: tuple[str, ...] = ()
-    """`table`: add a row for the policy before training, read from these run groups' `initial` metrics (`samples`:
-    their samples before training)"""
+    """`table`: add rows for these groups' policy before training (`samples`: their samples before training)"""
     n: int = 2
     """`samples`: how many samples per run"""
 
@@ -71,7 +64,7 @@ def group_runs(root: Path) -> dict[str, list[Path]]:
 
 
 def read_metrics(run: Path) -> list[dict]:
-    """Training lines of metrics.jsonl (the ones with objective/kl or loss, not eval lines)."""
+    """Training lines of metrics.jsonl (not the eval lines)."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if not any(k.startswith("eval") for k in m)]
 
@@ -84,8 +77,12 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def header(first: str, keys) -> list[str]:
+    return [f"| {first} | {' | '.join(keys)} |", "|---" * (len(keys) + first.count("|") + 1) + "|"]
+
+
 def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | tuple[str, ...] = ()) -> str:
-    rows = [f"| run | seeds | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
+    rows = header("run | seeds", keys)
     summaries = {name: [json.loads((r / "summary.json").read_text()) for r in runs if (r / "summary.json").exists()]
                  for name, runs in groups.items()}
     if initial:  # the initial policy of those groups, or of each of their seeds (--per_seed)
@@ -98,22 +95,20 @@ def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | t
 
 
 def points(groups: dict[str, list[Path]], keys: tuple[str, ...], at: tuple[int, ...]) -> str:
-    rows = [f"| run | iteration | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
+    rows = header("run | iteration", keys)
     for name, runs in groups.items():
         metrics = [{m["step"]: m for m in read_metrics(r)} for r in runs]
         for step in at:
-            found = [m[step] for m in metrics if step in m]
-            if found:
+            if found := [m[step] for m in metrics if step in m]:
                 rows.append(f"| {name} | {step} | " + " | ".join(mean_spread([m.get(k) for m in found]) for k in keys) + " |")
     return "\n".join(rows)
 
 
 def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
     """Median over every training iteration of every seed: robust to the odd slow iteration."""
-    rows = [f"| run | iterations | {' | '.join(keys)} |", "|---" * (len(keys) + 2) + "|"]
+    rows = header("run | iterations", keys)
     for name, runs in groups.items():
-        metrics = [m for r in runs for m in read_metrics(r) if "time/training" in m]
-        if metrics:
+        if metrics := [m for r in runs for m in read_metrics(r) if "time/training" in m]:
             medians = [statistics.median(m[k] for m in metrics) if all(k in m for m in metrics) else None
                        for k in keys]
             rows.append(f"| {name} | {len(metrics)} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in medians) + " |")
@@ -121,17 +116,68 @@ def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
 
 
 def samples(groups: dict[str, list[Path]], n: int, initial: tuple[str, ...] = ()) -> str:
-    """The first n held-out samples (samples.jsonl: the same prompts for every run) of each group's first run, and,
-    with initial, of those groups' policy before training (initial_samples.jsonl)."""
+    """The first n held-out samples (the same prompts in every run) of each group's first run, and, with initial,
+    of those groups' policy before training."""
     rows = ["| run | prompt | response | gold | reward |", "|---|---|---|---|---|"]
     files = [(f"before RL ({name}'s initial policy)", groups[name][0] / "initial_samples.jsonl") for name in initial]
     files += [(runs[0].name, runs[0] / "samples.jsonl") for runs in groups.values()]
-    cell = lambda text: text.replace("|", "\\|")
     for name, path in files:
         for line in path.read_text().splitlines()[:n]:
             r = json.loads(line)
-            rows.append(f"| {name} | {cell(r['prompt'])} | {cell(r['response'])} | {r['gold']:.2f} | {r['score']:.2f} |")
+            prompt, response = r["prompt"].replace("|", "\\|"), r["response"].replace("|", "\\|")
+            rows.append(f"| {name} | {prompt} | {response} | {r['gold']:.2f} | {r['score']:.2f} |")
     return "\n".join(rows)
+
+
+def stability(root: Path, window: int = 5) -> str:
+    """The stability study's finished runs: training metrics averaged over windows of iterations, then mean ±
+    half-range over seeds; peak and final gold per seed; the final evaluation. The perplexities are derived the same
+    way for both scripts: exp(sum of -log pi / response tokens), and with the KL added for the reference's."""
+    def load(run: Path) -> dict[int, dict]:  # policy iterations (step >= 1)
+        out = {}
+        for m in read_metrics(run):
+            if "objective/kl" in m and m["step"] >= 1:
+                tokens = m["response/length"] + m["response/eos_rate"]  # EOS is a response token too
+                out[m["step"]] = m | {"perplexity": math.exp(m["objective/entropy"] / tokens),
+                                      "ref_perplexity": math.exp((m["objective/entropy"] + m["objective/kl"]) / tokens)}
+        return out
+
+    def cell(values: list[float | None]) -> str:
+        if None in values:
+            return "-"
+        return f"{sum(values) / len(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
+
+    finished = {name: [r for r in runs if (r / "summary.json").exists()] for name, runs in group_runs(root).items()}
+    finished = {name: runs for name, runs in finished.items() if runs}
+    groups = {name: [load(r) for r in runs] for name, runs in finished.items()}
+    last = min(max(m) for runs in groups.values() for m in runs)
+    out = [f"Training metrics, mean over iterations (end - {window}, end], then mean ± half-range over seeds.\n",
+           *header("algo | seeds | iterations", STABILITY_KEYS)]
+    first = [m[1] for runs in groups.values() for m in runs]  # iteration 1 samples the SFT model in every run
+    cells = [f"{sum(vs) / len(vs):.2f}" if (vs := [m[k] for m in first if k in m]) else "-" for k in STABILITY_KEYS.values()]
+    out.append(f"| SFT (iteration 1, all runs) | {len(first)} runs | 1 | " + " | ".join(cells) + " |")
+    for name, runs in groups.items():
+        for end in [window, *range(2 * window, last + 1, 2 * window)]:
+            steps = range(end - window + 1, end + 1)
+            cells = [cell([sum(m[s][k] for s in steps) / window if k in m[1] else None for m in runs])
+                     for k in STABILITY_KEYS.values()]
+            out.append(f"| {name} | {len(runs)} | {steps[0]}-{end} | " + " | ".join(cells) + " |")
+    out += ["\nPeak and final gold per seed (window means), and the iteration of the peak:\n",
+            "| algo | seed runs: peak gold @ iteration -> final gold |", "|---|---|"]
+    for name, runs in groups.items():
+        parts = []
+        for m in runs:
+            smooth = {e: sum(m[s]["gold/reward"] for s in range(e - window + 1, e + 1)) / window
+                      for e in range(window, last + 1)}
+            peak = max(smooth, key=smooth.get)
+            parts.append(f"{smooth[peak]:.2f} @ {peak} -> {smooth[last]:.2f}")
+        out.append(f"| {name} | {'; '.join(parts)} |")
+    keys = ("gold", "reward", "kl", "length", "well_formed", "eos_rate", "wall_time")
+    out += ["\nFinal held-out evaluation (summary.json), mean ± half-range over seeds:\n", *header("algo", keys)]
+    for name, runs in finished.items():
+        summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+        out.append(f"| {name} | " + " | ".join(cell([s[k] for s in summaries]) for k in keys) + " |")
+    return "\n".join(out)
 
 
 def label_agreement(k: float, c: float, pairs: int) -> float:
@@ -186,14 +232,16 @@ def quickstart(root: Path) -> str:
     """The three stages of the README's quick start (benchmark/quickstart.sh), a line each, as a code block."""
     sft, rm, ppo = (json.loads((root / name / "summary.json").read_text()) for name in ("sft", "reward_model", "ppo"))
     first = ppo["initial"]
-    return "\n".join(["```",
+    return "\n".join([
+        "```",
         (f"sft.py          {sft['wall_time']:4.0f} s   eval_loss {sft['eval_loss']:.3f}, gold {sft['gold']:.2f}, "
          f"well_formed {sft['well_formed']:.2f}"),
         (f"reward_model.py {rm['wall_time']:4.0f} s   accuracy {rm['accuracy']:.2f}, gold_accuracy {rm['gold_accuracy']:.2f}, "
          f"length_corr {rm['length_corr']:.2f}"),
         (f"ppo.py          {ppo['wall_time']:4.0f} s   gold {first['gold']:.2f} -> {ppo['gold']:.2f}, reward {first['reward']:.2f} -> "
          f"{ppo['reward']:.2f}, kl {ppo['kl']:.1f}, length {first['length']:.1f} -> {ppo['length']:.1f}"),
-        f"total           {sft['wall_time'] + rm['wall_time'] + ppo['wall_time']:4.0f} s", "```"])
+        f"total           {sft['wall_time'] + rm['wall_time'] + ppo['wall_time']:4.0f} s",
+        "```"])
 
 
 def commits(root: Path) -> str:
@@ -204,8 +252,7 @@ def commits(root: Path) -> str:
     rows = ["| started (UTC) | commit | study | wall time |", "|---|---|---|---|"]
     for line in lines:
         start, commit, studies = re.match(r"(\S+) (\S+(?: \([^)]*\))?) ?(.*)", line).groups()
-        time = f"{minutes[studies]} min" if studies in minutes else "-"
-        rows.append(f"| {start} | {commit} | {studies} | {time} |")
+        rows.append(f"| {start} | {commit} | {studies} | {minutes[studies] + ' min' if studies in minutes else '-'} |")
     return "\n".join(rows)
 
 
@@ -220,15 +267,13 @@ def curves(groups: dict[str, list[Path]], keys: tuple[str, ...], out: Path, smoo
         series = []
         for run in runs:
             ms = [m for m in read_metrics(run) if "episode" in m]
-            xs = [m["episode"] for m in ms]
-            series.append((xs, {k: [m.get(k, float("nan")) for m in ms] for k in keys}))
+            series.append(([m["episode"] for m in ms], {k: [m.get(k, float("nan")) for m in ms] for k in keys}))
         n = min(len(xs) for xs, _ in series)
         xs = series[0][0][:n]
         for ax, key in zip(axes[0], keys):
             ys = [[sum(v[key][max(0, i - smooth + 1):i + 1]) / len(v[key][max(0, i - smooth + 1):i + 1])
                    for i in range(n)] for _, v in series]
-            mean = [sum(col) / len(col) for col in zip(*ys)]
-            (line,) = ax.plot(xs, mean, label=name)
+            (line,) = ax.plot(xs, [sum(col) / len(col) for col in zip(*ys)], label=name)
             if len(ys) > 1:
                 ax.fill_between(xs, [min(c) for c in zip(*ys)], [max(c) for c in zip(*ys)],
                                 color=line.get_color(), alpha=0.2)
@@ -241,58 +286,55 @@ def curves(groups: dict[str, list[Path]], keys: tuple[str, ...], out: Path, smoo
     print(f"wrote {out}")
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(args: Args) -> str | None:
     if args.command == "show":
         if not args.runs.is_file():
-            print(f"error: {args.runs} does not exist: run its study first", file=sys.stderr)
-            sys.exit(2)
-        print(args.runs.read_text().rstrip("\n"))
-        sys.exit(0)
+            fail(f"{args.runs} does not exist: run its study first")
+        return args.runs.read_text().rstrip("\n")
     if not args.runs.is_dir():
-        print(f"error: {args.runs} is not a folder of runs: run a benchmark/*.sh script first", file=sys.stderr)
-        sys.exit(2)
-    groups = group_runs(args.runs)
-    groups = {k: groups[k] for k in args.only if k in groups} if args.only else groups  # in --only's order
-    if missing := [name for name in args.only if name not in groups]:
-        print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
-        sys.exit(2)
-    if args.per_seed:
-        groups = {run.name: [run] for runs in groups.values() for run in runs}
-    unfinished = [r.name for runs in groups.values() for r in runs if not (r / "summary.json").exists()]
-    if args.command in ("table", "points", "timing", "samples") and (unfinished or not groups):
-        print(f"error: {args.runs}: {'unfinished runs: ' + ', '.join(unfinished) if unfinished else 'no runs'}: "
-              "finish its study first", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{args.runs} is not a folder of runs: run a benchmark/*.sh script first")
     needs = {"quickstart": [args.runs / n / "summary.json" for n in ("sft", "reward_model", "ppo")],
              "commits": [args.runs / "commits.log"]}.get(args.command, [])
     if missing := [str(p) for p in needs if not p.exists()]:
-        print(f"error: {', '.join(missing)} missing: run its study first", file=sys.stderr)
-        sys.exit(2)
+        fail(f"{', '.join(missing)} missing: run its study first")
+    if args.command in ("annotator", "quickstart", "commits", "stability"):
+        rows = {"annotator": annotator, "quickstart": quickstart, "commits": commits, "stability": stability}
+        text = rows[args.command](args.runs)
+        if args.command == "annotator" and len(text.splitlines()) < 3:
+            fail(f"{args.runs} holds no finished pair of rm_<setting>_s<seed> and ppo_<setting>_s<seed> runs: "
+                 "run benchmark/annotator.sh first")
+        return text
+    groups = group_runs(args.runs)
+    groups = {k: groups[k] for k in args.only if k in groups} if args.only else groups  # in --only's order
+    if missing := [name for name in args.only if name not in groups]:
+        fail(f"{args.runs} has no runs named {', '.join(missing)}_s<seed>")
+    if args.per_seed:
+        groups = {run.name: [run] for runs in groups.values() for run in runs}
+    if args.command == "samples" and (missing := [name for name in args.initial if name not in groups]):
+        fail(f"{args.runs} has no runs named {', '.join(missing)}_s<seed>")
+    unfinished = [r.name for runs in groups.values() for r in runs if not (r / "summary.json").exists()]
+    if args.command != "curves" and (unfinished or not groups):
+        fail(f"{args.runs}: {'unfinished runs: ' + ', '.join(unfinished) if unfinished else 'no runs'}: "
+             "finish its study first")
     if args.command == "table":
-        print(table(groups, args.keys or TABLE_KEYS, args.initial))
-    elif args.command == "points":
-        print(points(groups, args.keys or CURVE_KEYS, args.at))
-    elif args.command == "timing":
-        print(timing(groups, args.keys or TIMING_KEYS))
-    elif args.command == "annotator":
-        rows = annotator(args.runs)
-        if len(rows.splitlines()) < 3:
-            print(f"error: {args.runs} holds no finished pair of rm_<setting>_s<seed> and ppo_<setting>_s<seed> runs: "
-                  "run benchmark/annotator.sh first", file=sys.stderr)
-            sys.exit(2)
-        print(rows)
-    elif args.command == "quickstart":
-        print(quickstart(args.runs))
-    elif args.command == "samples":
+        return table(groups, args.keys or TABLE_KEYS, args.initial)
+    if args.command == "points":
+        return points(groups, args.keys or CURVE_KEYS, args.at)
+    if args.command == "timing":
+        return timing(groups, args.keys or TIMING_KEYS)
+    if args.command == "samples":
         if args.n < 1:
-            print(f"error: --n {args.n}: give at least 1 sample per run", file=sys.stderr)
-            sys.exit(2)
-        if missing := [n for n in args.initial if n not in groups]:
-            print(f"error: {args.runs} has no runs named {', '.join(missing)}_s<seed>", file=sys.stderr)
-            sys.exit(2)
-        print(samples(groups, args.n, args.initial))
-    elif args.command == "commits":
-        print(commits(args.runs))
-    else:
-        curves(groups, args.keys or CURVE_KEYS, args.out, args.smooth)
+            fail(f"--n {args.n}: give at least 1 sample per run")
+        return samples(groups, args.n, args.initial)
+    curves(groups, args.keys or CURVE_KEYS, args.out, args.smooth)
+    return None
+
+
+if __name__ == "__main__":
+    if (text := main(tyro.cli(Args))) is not None:
+        print(text)

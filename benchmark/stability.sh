@@ -9,8 +9,8 @@
 # rest of PPO-max. $JOBS runs at a time (default 2), one thread each.
 #
 #     bash benchmark/stability.sh
-#     python benchmark/stability_table.py runs/bench/stability
-#     python benchmark/stability_table.py runs/bench/stability_extra
+#     python benchmark/report.py stability runs/bench/stability
+#     python benchmark/report.py stability runs/bench/stability_extra
 #
 # Needs the SFT model at $SFT and the reward model at $RM (defaults runs/sft and runs/reward_model: run the
 # default pipeline first).
