@@ -1,15 +1,9 @@
-"""Peak memory of one PPO iteration at a real vocabulary: does it grow with the batch or with --micro_batch_size?
+"""Peak memory of PPO iterations at a real vocabulary: does it grow with the batch or with --micro_batch_size?
 
-A tiny Llama (2 layers, hidden 64) whose vocabulary is the toy tokenizer's padded with unused tokens to SmolLM2's
-49,152, stored in bf16 as hub checkpoints are, random weights (so every response runs to the length limit: the
-largest shapes), serves as SFT policy, reference, reward and value model. ppo.py runs one iteration of 128 new tokens
-at each --batch_size, with the given extra flags; the table gives the process's peak resident memory (its
-summary.json's peak_memory_mb, which covers the evaluations before and after training too), the seconds per update
-and per phase. With --trl_python, TRL 1.9's PPOTrainer runs the same updates on the same model and prompts.
-
-    python benchmark/memory.py                                         # ppo.py here, batches 64 and 256, micro 8
-    python benchmark/memory.py --source /tmp/old --batch_sizes 64 --micro_batch_size 0   # another checkout's ppo.py
-    python benchmark/memory.py --batch_sizes 64 --updates 3 --trl_python /tmp/trl-venv/bin/python  # against TRL
+A tiny Llama whose vocabulary is the toy tokenizer's padded to SmolLM2's 49,152 tokens, stored in bf16, random weights
+(so every response runs to the length limit), is SFT policy, reference, reward and value model; ppo.py runs at each
+--batch_size (with --trl_python, TRL's PPOTrainer too, through benchmark/speed.py's driver). benchmark/RESULTS.md,
+"Memory at a real vocabulary", has the commands and the tables.
 """
 
 import argparse
@@ -24,25 +18,47 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 49152  # SmolLM2's
 NEW_TOKENS = 128
 PHASES = ("generation", "scoring", "training")
-# ppo.py's defaults, for TRL's driver (benchmark/speed.py's trl_driver)
+# ppo.py's defaults, for TRL's driver
 SETTINGS = {"num_mini_batches": 2, "num_ppo_epochs": 4, "max_new_tokens": NEW_TOKENS, "kl_coef": 0.05,
             "missing_eos_penalty": -1.0, "temperature": 1.0, "eval_rows": 16}
+TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": False, "vocab_size": VOCAB}
 
 
-def build_base(out: Path) -> None:
-    """The padded-vocabulary tiny Llama, saved in bf16 with its tokenizer."""
+def padded_toy_tokenizer(size: int):
+    """The toy tokenizer with its vocabulary padded with unused tokens to `size`, so that a model's output layer costs
+    what it does at a real vocabulary."""
+    sys.path.insert(0, str(ROOT))
+    import tokenizers
+    import transformers
+
+    import common
+
+    toy = common.toy_tokenizer()
+    words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
+    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(size - len(words))])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD, bos_token=common.BOS,
+                                                eos_token=common.EOS, unk_token=common.UNK, padding_side="left")
+
+
+def build_base(out: Path, **arch) -> None:
+    """A Llama of the given config fields over the padded toy tokenizer, random weights, saved in bf16 as hub
+    checkpoints are (benchmark/gpu_smoke.sh builds its SmolLM-shaped model with it)."""
     import torch
     import transformers
-    from speed import padded_toy_tokenizer
 
-    tokenizer = padded_toy_tokenizer(VOCAB)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    tokenizer = padded_toy_tokenizer(arch["vocab_size"])
+    config = transformers.LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}")
 
 
 def ppo_run(args, base: Path, batch_size: int) -> dict:
@@ -61,13 +77,12 @@ def ppo_run(args, base: Path, batch_size: int) -> dict:
 
 
 def trl_run(args, base: Path, batch_size: int) -> dict:
-    """TRL's PPOTrainer through benchmark/speed.py's driver, at ppo.py's settings: rollout and training passes of
-    --micro_batch_size rows (its local_rollout_forward_batch_size and per_device_train_batch_size)."""
+    """TRL's PPOTrainer at ppo.py's settings, rollout and training passes of --micro_batch_size rows."""
     work = args.work_dir / f"trl-b{batch_size}-m{args.micro_batch_size}"
     work.mkdir(parents=True, exist_ok=True)
     settings = SETTINGS | {"batch_size": batch_size, "micro_batch_size": args.micro_batch_size}
-    cfg = {"sft": str(base), "reward_model": str(base), "device": "cpu", "settings": settings, "seed": 1,
-           "updates": args.updates, "learning_rate": 3e-4, "out": str(work / "out")}
+    cfg = {"sft": str(base), "reward_model": str(base), "settings": settings, "seed": 1, "updates": args.updates,
+           "learning_rate": 3e-4, "out": str(work / "out")}
     for name, python in (("_prompts", sys.executable), ("_trl", args.trl_python)):
         cfg["result"] = str(work / f"{name}.json")
         (work / f"{name}.config.json").write_text(json.dumps(cfg))
@@ -89,17 +104,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[64, 256])
     p.add_argument("--micro_batch_size", type=int, default=8, help="0: leave the flag out (the whole minibatch)")
-    p.add_argument("--updates", type=int, default=1, help="PPO iterations per run (time per update: the median "
-                                                          "over iterations 2..N)")
+    p.add_argument("--updates", type=int, default=1, help="PPO iterations per run (s/update: median of 2..N)")
     p.add_argument("--source", type=Path, default=ROOT, help="the checkout whose ppo.py runs (default: this one)")
-    p.add_argument("--trl_python", help="also run TRL's PPOTrainer with this python (benchmark/speed.py --setup_trl "
-                                        "makes /tmp/trl-venv/bin/python)")
+    p.add_argument("--trl_python", help="also run TRL's PPOTrainer with this python")
     p.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench" / "memory")
     p.add_argument("extra", nargs="*", help="more ppo.py flags, after --")
     args = p.parse_args()
     base = args.work_dir / "base"
     if not (base / "config.json").exists():
-        build_base(base)
+        build_base(base, **TINY)
     rows = []
     for batch_size in args.batch_sizes:
         rows.append(row("ppo.py", batch_size, args.micro_batch_size, ppo_run(args, base, batch_size)))

@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
-# Every result of this project, regenerated on the current code with one command: each study's runs
-# (the speed study last: it needs TRL's environment, and is skipped without it), then the figures,
-# then every generated block of the README and of benchmark/*.md (benchmark/results.py). The studies
-# use the 3-seed pipeline's seed-1 SFT model and reward model, so the pipeline runs first; the
-# annotator sweep uses its three SFT models.
+# Every result of this project, regenerated on the current code with one command: each study's runs (the pipeline
+# first: the others use its seed-1 SFT and reward model; the speed study last, skipped without TRL's environment),
+# the figures (matplotlib: pip install -r benchmark/requirements.txt), then every generated block of the README and of
+# benchmark/*.md (benchmark/results.py). A finished run is skipped, so a rerun resumes where it stopped.
 #
-#     bash benchmark/run_all.sh                  # prints each study's wall time (also in runs/bench/timing.log)
+#     bash benchmark/run_all.sh                                # each study's wall time also in runs/bench/timing.log
 #     STUDIES="pipeline annotator" bash benchmark/run_all.sh   # some studies only (then the pages)
 #
-# Each study also runs alone (benchmark/<study>.sh); a finished run (one with summary.json) is skipped,
-# so a rerun resumes where it stopped. The figures need matplotlib (pip install -r benchmark/requirements.txt).
-# runs/bench/commits.log records the commit each study started at (and whether the tree had changes),
-# so that the results pages can name it: a study's runs are only as current as that line.
+# runs/bench/commits.log records the commit each study started at, for the results pages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=runs/bench
@@ -21,14 +17,14 @@ mkdir -p "$B"
 
 start=$SECONDS
 for study in $STUDIES; do
-    if [ "$study" = speed ] && [ ! -x /tmp/trl-venv/bin/python ]; then  # the side-by-side with TRL needs its environment
-        echo "speed: skipped, no TRL environment at /tmp/trl-venv (python benchmark/speed.py --setup_trl --quick)"
+    if [ "$study" = speed ] && [ ! -x /tmp/trl-venv/bin/python ]; then
+        echo "speed: skipped, no TRL environment at /tmp/trl-venv (benchmark/RESULTS.md's speed section makes one)"
         continue
     fi
     t=$SECONDS
     echo "$(date +%T) $study"
-    echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD)$([ -z "$(git status --porcelain -- '*.py' '*.sh')" ] \
-        || echo ' (with uncommitted changes)') $study" >> "$B/commits.log"
+    changes=$([ -z "$(git status --porcelain -- '*.py' '*.sh')" ] || echo ' (with uncommitted changes)')
+    echo "$(date -u +%FT%TZ) $(git rev-parse --short HEAD)$changes $study" >> "$B/commits.log"
     case $study in
         pipeline) OUT=$B/pipeline bash benchmark/pipeline.sh ;;
         annotator) OUT=$B/annotator SFTS=$B/pipeline bash benchmark/annotator.sh ;;
