@@ -1,13 +1,6 @@
 #!/usr/bin/env bash
-# One process against two under torchrun on the same 2 CPU cores (README's "Multiple GPUs"):
-# `ppo.py --reward length --target_length 20 --total_episodes 1280 --eval_rows 64` from the SFT model at
-# $SFT, the same global batch, once alone, once as `torchrun --standalone --nproc_per_node 2` (DDP) and once
-# more with --fsdp. Run it with nothing else on the machine.
-#
-#     bash benchmark/ddp.sh
-#     python benchmark/report.py table runs/bench/ddp --initial one_process --keys world_size length_error \
-#         wall_time peak_memory_mb
-#     python benchmark/report.py timing runs/bench/ddp
+# One process against two under torchrun (DDP, then --fsdp) on the same cores, the same global batch (RESULTS.md).
+# Run it with nothing else on the machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh

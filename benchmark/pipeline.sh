@@ -1,17 +1,7 @@
 #!/usr/bin/env bash
-# The README's results table: every algorithm on the toy world with every default, 3 seeds. Each seed
-# trains its own SFT model and reward model, then PPO, PPO-max, RRHF, RCfD and length-only PPO
-# (--reward length --target_length 30) from them. EPISODES=N gives the PPO-style methods another
-# budget of sampled responses than their default (6,400). Runs go to $OUT/<algo>_s<seed>; a run
-# whose summary.json exists is skipped, so the script resumes where it stopped (an unfinished run is
-# started again: --overwrite).
-#
-#     bash benchmark/pipeline.sh
-#     python benchmark/report.py table runs/bench/pipeline --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb
-#     python benchmark/report.py curves runs/bench/pipeline --only ppo ppo_max rcfd length_ppo --out benchmark/figures/pipeline.png --smooth 3
-#
-# Seeds run in parallel, one thread each ($JOBS at a time, default 3: all seeds at once on 2 cores
-# finish sooner than two then one).
+# Every algorithm with every default, 3 seeds (RESULTS.md and the README's table): each seed trains its SFT model
+# and reward model, then PPO, PPO-max, RRHF, RCfD and length-only PPO from them. EPISODES=N: another budget for the
+# PPO-style methods. Seeds run in parallel, one thread each ($JOBS at a time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
@@ -33,9 +23,8 @@ seed_pipeline() {
     run_once "$OUT/rcfd_s$s" python rcfd.py "${models[@]}" "${budget[@]}"
     run_once "$OUT/length_ppo_s$s" python ppo.py "${models[@]}" "${budget[@]}" --reward length --target_length 30
 }
-
 for s in $SEEDS; do launch seed_pipeline "$s"; done
 finish
-python benchmark/report.py table "$OUT" --initial ppo --keys gold reward kl length well_formed wall_time peak_memory_mb \
-    | tee "$OUT/table.md"
+python benchmark/report.py table "$OUT" --initial ppo --keys gold reward kl length well_formed wall_time \
+    peak_memory_mb | tee "$OUT/table.md"
 python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"

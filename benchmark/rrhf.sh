@@ -1,16 +1,6 @@
 #!/usr/bin/env bash
-# RRHF on the toy world (Yuan et al. 2023): the default offline sources (8 samples of the SFT model
-# plus the demonstration per query), online sampling from the model being trained with and without
-# a KL term (the paper's reward-hacking finding), and both with the gold reward instead of the
-# learned one. 3 seeds, from $SFT and $RM (default: the default pipeline's runs/sft and
-# runs/reward_model), each with rrhf.py's default budget of 512 queries.
-#
-#     bash benchmark/rrhf.sh
-#     python benchmark/report.py table runs/bench/rrhf --initial default \
-#         --keys gold reward kl length well_formed wall_time peak_memory_mb
-#
-# Runs go to $OUT/<name>_s<seed>; a run whose summary.json exists is skipped, and an unfinished one
-# is started again (--overwrite).
+# RRHF (Yuan et al. 2023, RESULTS.md): the default offline sources, online sampling with and without a KL term,
+# and both ranked by the gold reward; 3 seeds from $SFT and $RM, rrhf.py's default budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
@@ -25,7 +15,6 @@ run() {  # run NAME ARGS...: one rrhf.py run into $OUT/NAME
     local name=$1; shift
     run_once "$OUT/$name" python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@"
 }
-
 seed_runs() {
     local s=$1
     run "default_s$s" --seed "$s"
@@ -34,7 +23,6 @@ seed_runs() {
     run "gold_s$s" --seed "$s" --reward gold
     run "gold_online_s$s" --seed "$s" --reward gold --sources online
 }
-
 for s in $SEEDS; do launch seed_runs "$s"; done
 finish
 python benchmark/report.py table "$OUT" --initial default \
