@@ -1,19 +1,10 @@
-"""How much of an RL run's reward gain is only longer responses: the length-stratified reward gain of
-"A Long Way to Go" (Singhal et al. 2023; their WRG, later NRG).
+"""How much of an RL run's reward gain is only longer responses: the length-stratified reward gain of "A Long Way
+to Go" (Singhal et al. 2023). Bin the responses by length; in each bin holding responses of both the initial policy
+(initial_samples.jsonl) and the trained one (samples.jsonl), take the gain in mean reward; average the gains weighted
+by the trained policy's counts (--weights both: both policies' counts). A gain that only moves into longer,
+higher-scoring bins vanishes from the average: `length_share` = 1 - stratified gain / total gain.
 
-Bucket the responses by length (bins of `bin_width` tokens, EOS excluded). In each bin that holds
-responses of both the initial policy (the run's initial_samples.jsonl, its evaluation before
-training) and the trained one (samples.jsonl, its final evaluation), take the gain
-mean(reward) - mean(initial reward); average those gains, weighted by the trained policy's counts in the
-bins (--weights both: by both policies' counts). A gain that
-comes only from moving into longer, higher-scoring bins vanishes from this average, so
-`length_share` = 1 - stratified gain / total gain is near 1 when the gain is length and near 0 when
-it is not.
-
-    python benchmark/analysis.py runs/ppo                   # the run's reward, and gold on toy
     python benchmark/analysis.py runs/ppo --bin_width 2 --weights both
-
-Other benchmark code imports `length_stratified_gain` (from lists) or `run_gains` (from a run folder).
 """
 
 import json
@@ -34,20 +25,13 @@ class Args:
     bin_width: int = 5
     """length bin width in tokens"""
     weights: Weights = "policy"
-    """weight of a bin's gain: `policy`, the trained policy's count (the policy's gain over what the initial
-    policy scores at the same lengths; a bin holding a few trained responses and many initial ones weighs
-    little); `both`, its initial + trained response counts"""
+    """weight of a bin's gain: its count of trained responses (`policy`) or of both policies' (`both`)"""
 
 
 def length_stratified_gain(base_rewards: list[float], base_lengths: list[int], rewards: list[float],
                            lengths: list[int], bin_width: int = 5, weights: Weights = "policy") -> dict:
-    """The total reward gain, the length-stratified gain and the share of the gain that is length.
-
-    total = mean(rewards) - mean(base_rewards);
-    stratified = sum_b w_b (mean_b(rewards) - mean_b(base_rewards)) / sum_b w_b over the bins b that
-    hold both, with w_b = n_b(base) + n_b(policy) (weights="both") or n_b(policy) ("policy");
-    length_share = 1 - stratified / total. The stratified gain and the share are NaN when no bin
-    holds both, and the share when the total gain is 0."""
+    """{reward_gain, length_stratified_gain, length_share}; the last two are NaN when no bin holds both policies'
+    responses, the share also when the total gain is 0."""
     bins: dict[int, tuple[list[float], list[float]]] = {}
     for group, (rs, ls) in enumerate(((base_rewards, base_lengths), (rewards, lengths))):
         for r, n in zip(rs, ls):
@@ -62,7 +46,6 @@ def length_stratified_gain(base_rewards: list[float], base_lengths: list[int], r
 
 
 def read_samples(path: Path) -> list[dict]:
-    """The samples of a run's <name>.jsonl, one dict per line."""
     if not path.exists():
         print(f"error: {path} not found: pass the folder of a finished RL run (ppo.py, ppo_max.py, rrhf.py, rcfd.py)",
               file=sys.stderr)
@@ -75,8 +58,8 @@ def read_samples(path: Path) -> list[dict]:
 
 
 def run_gains(run_dir: Path, bin_width: int = 5, weights: Weights = "policy") -> dict[str, dict]:
-    """length_stratified_gain of a run's final samples against its initial ones, on the reward the
-    run trained on ("reward": the samples' `score`) and, on the toy world, on the gold reward ("gold")."""
+    """length_stratified_gain of a run's final samples against its initial ones, on its reward ("reward": the
+    samples' `score`) and, on the toy world, on the gold reward ("gold")."""
     base, final = read_samples(Path(run_dir) / "initial_samples.jsonl"), read_samples(Path(run_dir) / "samples.jsonl")
     keys = {"reward": "score"} | ({"gold": "gold"} if all("gold" in s for s in base + final) else {})
     return {name: length_stratified_gain([s[key] for s in base], [s["length"] for s in base],

@@ -1,17 +1,8 @@
-"""Run one stage with the toy preference data relabeled by another simulated annotator.
-
-The toy labels come from P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)): k sets the label
-noise, c the length bias (common.toy_dataset's defaults). What PPO on a learned reward model can gain in
-gold depends on these two numbers, mostly on c/k, the gold reward one token of length is worth to the
-annotator. This wrapper runs a script of this repository (a path relative to its root) with other values
-of k and c, and optionally another number of training pairs, and records them in the run's folder as
-annotator.json:
+"""Run a script of this repository with the toy preference data relabeled by another simulated annotator,
+P(a > b) = sigmoid(k (gold_a - gold_b) + c (len_a - len_b)), and optionally more pairs (the first ones unchanged);
+the SFT data and prompts stay as they are. k, c and pairs are recorded as annotator.json in the run's folder.
 
     python benchmark/annotator.py 3 0.1 4000 reward_model.py --output_dir runs/bench/annotator/rm_k3_c0.1_n4000_s1
-    python ppo.py --reward_model_path runs/bench/annotator/rm_k3_c0.1_n4000_s1 --output_dir ...
-
-Only the `preference` data changes (new labels; more pairs are more rows of the same generator, so the
-first 4000 are the same pairs); SFT data and prompts stay as they are. benchmark/annotator.sh runs the sweep.
 """
 
 import functools

@@ -1,18 +1,9 @@
-"""Where ppo.py's PPO epochs spend their time: one minibatch step (policy and value forward, backward,
-gradient clipping, AdamW) on the benchmark's models, under the variants issue 18 asked to measure.
+"""Where ppo.py's PPO epochs spend their time: one minibatch step (policy and value forward and backward, gradient
+clipping, AdamW) on speed.py's toy models, under the variants of RESULTS.md's table, on random token ids (4 prompt
+tokens + the response width, every position real). The variants take turns, 5 steps each per round after 3 warm-up
+steps, so that a slow spell of the machine falls on all of them; each gets the median over its steps.
 
-    python benchmark/ppo_step.py                      # the toy models of benchmark/speed.py
-    python benchmark/ppo_step.py --profile            # and torch.profiler's table of the plain step
-
-The variants take turns (--rounds rounds of 5 steps each, after 3 warm-up steps each), so that a slow
-spell of the machine falls on all of them; each gets the median over its steps, on random token ids of
-the given width (4 prompt tokens + the response width, every position real). The variants:
-- attention: sdpa (transformers' default) or eager;
-- width: 48 response tokens (a batch where one response hits --max_new_tokens) against 40 and 32;
-- micro-batches: the minibatch of 32 split into length-sorted parts, each padded only to its own
-  longest response (the same gradient, fewer padded positions, more passes);
-- AdamW with foreach=True;
-- torch.compile of both models (dynamic shapes).
+    python benchmark/ppo_step.py --profile      # and torch.profiler's table of the plain step
 """
 
 import argparse
@@ -28,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import common
 
-MODELS = ROOT / "runs/bench/speed/models-toy-cpu"
 QUERY = 4
 
 
@@ -38,7 +28,8 @@ def build(models: Path, attn: str = "sdpa", foreach: bool = False, compile: bool
         models / "reward_model", attn_implementation=attn))
     optimizer = torch.optim.AdamW([*policy.parameters(), *value.parameters()], lr=1e-7, eps=1e-5, foreach=foreach)
     if compile:
-        policy.forward, value.forward = torch.compile(policy.forward, dynamic=True), torch.compile(value.forward, dynamic=True)
+        policy.forward = torch.compile(policy.forward, dynamic=True)
+        value.forward = torch.compile(value.forward, dynamic=True)
     return policy, value, optimizer
 
 
@@ -49,7 +40,7 @@ def step(models, parts: list[tuple[int, int]]) -> None:
     for rows, width in parts:
         ids = torch.randint(3, 100, (rows, QUERY + width))
         mask = torch.ones_like(ids)
-        logprobs, _ = common.response_logprobs(policy, ids, mask, QUERY)
+        logprobs = common.response_logprobs(policy, ids, mask, QUERY)
         values = value(ids, mask)[:, QUERY - 1:-1]
         (logprobs.mean() + values.mean()).backward()
     torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
@@ -75,12 +66,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's table of the plain step")
     parser.add_argument("--rounds", type=int, default=10, help="turns of 5 steps per variant")
-    parser.add_argument("--models", type=Path, default=MODELS, help="speed.py's toy models (its work folder's "
-                                                                     "models-toy-cpu)")
+    parser.add_argument("--models", type=Path, default=ROOT / "runs/bench/speed/models-toy-cpu",
+                        help="speed.py's toy models (its work folder's models-toy-cpu)")
     args = parser.parse_args()
     if not (args.models / "reward_model" / "summary.json").exists():
-        print(f"error: {args.models} has no models: run `python benchmark/speed.py` first", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(f"error: {args.models} has no models: run `python benchmark/speed.py` first")
     torch.manual_seed(0)
     plain = build(args.models)
     variants = [("plain step, sdpa, width 48", plain, [(32, 48)]),
@@ -93,8 +83,8 @@ def main() -> None:
     compiled = build(args.models, compile=True)
     for width in (32, 40, 48):
         step(compiled, [(32, width)])
-    variants.append((f"torch.compile (dynamic shapes; compiling took {time.perf_counter() - t:.0f} s), width 48", compiled,
-                     [(32, 48)]))
+    name = f"torch.compile (dynamic shapes; compiling took {time.perf_counter() - t:.0f} s), width 48"
+    variants.append((name, compiled, [(32, 48)]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median ms per minibatch step of 32 rows, "
           f"{args.rounds} rounds of 5 steps\n")
     print("| variant | ms |\n|---|---|")
