@@ -1,15 +1,11 @@
-"""Aggregate the reward over-optimization study (benchmark/overoptimization.sh).
-
-Runs live in `<name>_s<seed>` folders; runs with the same name are seeds of one configuration,
-shown as mean ± spread ((max - min) / 2) over seeds.
+"""The reward over-optimization study's helpers (benchmark/overoptimization.sh): runs in `<name>_s<seed>` folders.
 
     python benchmark/overoptimization.py pick runs/bench/overopt/sweep        # the tuned KL coefficient
-    python benchmark/overoptimization.py alignment runs/bench/overopt         # final alignment of every run
-    python benchmark/overoptimization.py table runs/bench/overopt             # markdown tables
+    python benchmark/overoptimization.py alignment runs/bench/overopt         # every final policy's alignment
+    python benchmark/overoptimization.py table runs/bench/overopt             # markdown
 
-`alignment` re-evaluates each run's saved policy on the held-out prompts and compares its reward
-distribution with the demonstrations' (rcfd.alignment_kl): ppo.py does not log the alignment
-metric, so for PPO it is known only at the end of training.
+ppo.py does not log rcfd.py's alignment metric, so `alignment` samples each saved policy again on the held-out
+prompts and compares its reward distribution with the demonstrations' (rcfd.alignment_kl), the same for every method.
 """
 
 import json
@@ -49,101 +45,77 @@ class Args:
     """`table`: iterations to show (default: every evaluated one)"""
 
 
-def eval_lines(run: Path) -> dict[int, dict]:
-    """The sampled-evaluation lines of metrics.jsonl by iteration (the final one included)."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {m["step"]: m for m in lines if "eval/reward" in m}
-
-
 def pick(root: Path, min_well_formed: float) -> None:
-    """Print the KL coefficient whose run ended with the highest gold (well-formed enough). The gold
-    reward is an oracle a real sweep does not have: this is the best case for the KL baseline."""
-    results, cost = [], 0.0
+    """Print the KL coefficient whose run ended with the highest gold (well-formed enough): an oracle a real sweep
+    does not have, the best case for the KL baseline."""
+    results = []
     for run in sorted(p for p in root.iterdir() if (p / "summary.json").exists()):
         summary, args = json.loads((run / "summary.json").read_text()), json.loads((run / "args.json").read_text())
-        wall = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time"]
-        cost += wall
-        results.append((args["kl_coef"], summary["gold"], summary["well_formed"], summary["kl"]))
+        results.append((args["kl_coef"], summary["gold"], summary["well_formed"]))
         print(f"kl_coef={args['kl_coef']:g} gold={summary['gold']:.3f} well_formed={summary['well_formed']:.3f} "
-              f"kl={summary['kl']:.2f} wall={wall:.0f}s", file=sys.stderr)
-    print(f"sweep: {len(results)} runs, {cost:.0f} s of wall time", file=sys.stderr)
+              f"kl={summary['kl']:.2f}", file=sys.stderr)
     eligible = [r for r in results if r[2] >= min_well_formed] or results
     print(f"{max(eligible, key=lambda r: r[1])[0]:g}")
 
 
-def reward_model_scores(tokenizer, reward_model_path: str, device: torch.device):
-    """score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,): the reward model's
-    score read at each response's last real token, as ppo.py and rcfd.py score their rollouts."""
-    rm_tokenizer = common.load_tokenizer(reward_model_path)
-    reward_model = common.TokenScores(common.load_model(reward_model_path, rm_tokenizer, "score")).to(device).eval()
-    same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()
+@torch.no_grad()
+def align(run: Path, score_fn, eval_rows: int, bins: int, device: torch.device) -> dict:
+    """A saved policy's rewards on the held-out prompts against the demonstrations', as rcfd.py scores them."""
+    args = json.loads((run / "args.json").read_text())
+    tokenizer = common.load_tokenizer(str(run))
+    policy = common.load_model(str(run), tokenizer).to(device).eval()
+    ref_policy = common.load_model(args["sft_model_path"], tokenizer).to(device).eval()
+    _, test_rows = common.load_data(args["dataset_name"], "prompts", tokenizer, args["dataset_config"],
+                                    args["dataset_train_split"], args["dataset_test_split"], eval_rows)
+    max_positions = common.max_positions(policy)
+    max_prompt_tokens = max_positions - args["max_new_tokens"]
+    prompts = [r["prompt"] for r in test_rows]
+    queries = common.encode_prompts(tokenizer, prompts, max_prompt_tokens)
 
-    @torch.no_grad()
-    def score_fn(prompts, queries, query_mask, responses, response_mask) -> torch.Tensor:
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-        if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
-            ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
-        with common.autocast(device):
-            return common.last_token_scores(reward_model, ids.to(device), mask.to(device)).float()
-    return score_fn
-
-
-def demo_score_fn(tokenizer, score_fn, max_prompt_tokens: int, max_positions: int, device: torch.device):
-    """score_texts(prompts, completions) -> (n, 1) for rcfd.demo_rewards, scored as rcfd.py scores
-    demonstrations: the prompt cut as the queries are, the completion and EOS as the response."""
-    def score_texts(prompts: list[str], completions: list[str]) -> torch.Tensor:
+    def score_texts(prompts: list[str], completions: list[str]) -> torch.Tensor:  # the prompt cut as the queries are
         queries = [common.encode_prompt(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
         responses = [common.encode_completion(tokenizer, c, prompt=p)[:max_positions - len(q)]
                      for p, q, c in zip(prompts, queries, completions)]
-        (query_ids, query_mask), (response_ids, response_mask) = (
-            common.pad(queries, tokenizer.pad_token_id, "left"), common.pad(responses, tokenizer.pad_token_id, "right"))
-        return score_fn(prompts, query_ids.to(device), query_mask.to(device), response_ids.to(device),
-                        response_mask.to(device))[:, None].cpu()
-    return score_texts
+        padded = [*common.pad(queries, tokenizer.pad_token_id, "left"),
+                  *common.pad(responses, tokenizer.pad_token_id, "right")]
+        return score_fn(prompts, *(t.to(device) for t in padded))[:, None].cpu()
+
+    demo = rcfd.demo_rewards(list(range(len(test_rows))), test_rows, {}, score_texts)[:, 0]
+    metrics, samples = common.evaluate(policy, ref_policy, tokenizer, prompts, queries, score_fn,
+                                       args["max_new_tokens"], args["temperature"])
+    rewards = torch.tensor([s["score"] for s in samples])
+    return {"alignment_kl": rcfd.alignment_kl(demo, rewards, bins), "reward": metrics["reward"],
+            "reward_std": rewards.std().item(), "demo_reward": demo.mean().item(), "demo_reward_std": demo.std().item(),
+            "gold": common.gold_metrics(samples)["gold"],
+            "samples": [f"{s['prompt']} || {s['response']}" for s in samples[:4]]}
 
 
-@torch.no_grad()
 def alignment(root: Path, reward_model_path: str, eval_rows: int, bins: int) -> None:
-    """Write alignment.json into each run: the saved policy's rewards on the held-out prompts
-    against its demonstrations' rewards, with the same reward model for every run. A run that
-    already has one is skipped (delete the file to recompute it)."""
+    """Write alignment.json into each run (skipped where there is one), with the same reward model for every run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for runs in group_runs(root).values():
-        for run in runs:
-            if (run / "alignment.json").exists():
-                continue
-            args = json.loads((run / "args.json").read_text())
-            tokenizer = common.load_tokenizer(str(run))
-            policy = common.load_model(str(run), tokenizer).to(device).eval()
-            ref_policy = common.load_model(args["sft_model_path"], tokenizer).to(device).eval()
-            score_fn = reward_model_scores(tokenizer, reward_model_path, device)
-            _, test_rows = common.load_data(args["dataset_name"], "prompts", tokenizer, args["dataset_config"],
-                                            args["dataset_train_split"], args["dataset_test_split"], eval_rows)
-            max_positions = common.max_positions(policy)
-            max_prompt_tokens = max_positions - args["max_new_tokens"]
-            prompts = [r["prompt"] for r in test_rows]
-            queries = common.encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    reward_model = common.TokenScores(common.load_model(reward_model_path, common.load_tokenizer(reward_model_path),
+                                                        "score")).to(device).eval()
 
-            score_texts = demo_score_fn(tokenizer, score_fn, max_prompt_tokens, max_positions, device)
-            demo = rcfd.demo_rewards(list(range(len(test_rows))), test_rows, {}, score_texts)[:, 0]
-            metrics, samples = common.evaluate(policy, ref_policy, tokenizer, prompts, queries, score_fn,
-                                               args["max_new_tokens"], args["temperature"])
-            rewards = torch.tensor([s["score"] for s in samples])
-            result = {"alignment_kl": rcfd.alignment_kl(demo, rewards, bins), "reward": metrics["reward"],
-                      "reward_std": rewards.std().item(), "demo_reward": demo.mean().item(),
-                      "demo_reward_std": demo.std().item(), "gold": common.gold_metrics(samples)["gold"],
-                      "samples": [f"{s['prompt']} || {s['response']}" for s in samples[:4]]}
+    def score_fn(prompts, queries, query_mask, responses, response_mask) -> torch.Tensor:  # the policy's token ids
+        ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+        with common.autocast(device):
+            return common.last_token_scores(reward_model, ids.to(device), mask.to(device)).float()
+
+    for runs in group_runs(root).values():
+        for run in [run for run in runs if not (run / "alignment.json").exists()]:
+            result = align(run, score_fn, eval_rows, bins, device)
             common.write_json(run / "alignment.json", result)
             print(run.name, " ".join(f"{k}={v:.3f}" for k, v in result.items() if k != "samples"), file=sys.stderr)
 
 
 def table(root: Path, at: tuple[int, ...]) -> str:
-    """Held-out evaluation (128 prompts, sampled) at every evaluated iteration, mean ± spread over
-    seeds; the final row's alignment comes from alignment.json (the same for every method)."""
+    """Held-out evaluation at every evaluated iteration, mean ± spread over seeds; the final row's alignment KL
+    comes from alignment.json."""
     groups = group_runs(root)
     out = ["| run | iteration | " + " | ".join(EVAL_KEYS) + " |", "|---" * (len(EVAL_KEYS) + 2) + "|"]
     for name, runs in groups.items():
-        evals = [eval_lines(run) for run in runs]
+        evals = [{m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if "eval/reward" in m} for run in runs]
         final = max(evals[0])
         for step in sorted(set.intersection(*(set(e) for e in evals)) & set(at or evals[0])):
             cells = []
