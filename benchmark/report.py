@@ -1,11 +1,7 @@
 """Tables and learning curves from benchmark runs: folders `<name>_s<seed>` (metrics.jsonl, summary.json), where runs
 of the same name are seeds of one configuration, shown as mean ± (max - min) / 2 and as min-max bands.
 
-    python benchmark/report.py table runs/bench/pipeline --initial ppo
-    python benchmark/report.py curves runs/bench/overopt --out benchmark/figures/overopt.png   # needs matplotlib
-    python benchmark/report.py stability runs/bench/stability
-
-The other commands: points, timing, samples, annotator, quickstart, commits, show (below, and --help).
+    python benchmark/report.py table runs/bench/pipeline --initial ppo      # --help: every command
 """
 
 import json
@@ -32,10 +28,9 @@ STABILITY_KEYS = {"gold": "gold/reward", "learned reward": "objective/scores", "
 class Args:
     command: tyro.conf.Positional[Literal["table", "curves", "points", "timing", "stability", "annotator",
                                           "quickstart", "show", "commits", "samples"]]
-    """table: final summary.json values; curves: PNG learning curves; points: training metrics at iterations;
-    timing: median seconds per iteration in each stage; stability: the stability study's windows of iterations;
-    annotator: the annotator sweep against its targets; quickstart: the quick start's three runs; show: print a
-    file; commits: the commits benchmark/run_all.sh recorded; samples: each group's first final samples"""
+    """table: final summary.json values; curves: PNG learning curves (matplotlib); points: training metrics at
+    iterations; timing: median seconds per iteration by stage; stability, annotator, quickstart, commits: those
+    studies' tables; samples: each group's first final samples; show: print a file"""
     runs: tyro.conf.Positional[Path]
     """folder holding the `<name>_s<seed>` run folders (show: the file)"""
     keys: tuple[str, ...] = ()
@@ -116,8 +111,7 @@ def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
 
 
 def samples(groups: dict[str, list[Path]], n: int, initial: tuple[str, ...] = ()) -> str:
-    """The first n held-out samples (the same prompts in every run) of each group's first run, and, with initial,
-    of those groups' policy before training."""
+    """The first n held-out samples of each group's first run (and of the initial groups' policy before training)."""
     rows = ["| run | prompt | response | gold | reward |", "|---|---|---|---|---|"]
     files = [(f"before RL ({name}'s initial policy)", groups[name][0] / "initial_samples.jsonl") for name in initial]
     files += [(runs[0].name, runs[0] / "samples.jsonl") for runs in groups.values()]
@@ -130,9 +124,8 @@ def samples(groups: dict[str, list[Path]], n: int, initial: tuple[str, ...] = ()
 
 
 def stability(root: Path, window: int = 5) -> str:
-    """The stability study's finished runs: training metrics averaged over windows of iterations, then mean ±
-    half-range over seeds; peak and final gold per seed; the final evaluation. The perplexities are derived the same
-    way for both scripts: exp(sum of -log pi / response tokens), and with the KL added for the reference's."""
+    """The stability study's finished runs: training metrics over windows of iterations, peak and final gold per seed,
+    the final evaluation. Perplexity: exp(sum of -log pi / response tokens), the reference's with the KL added."""
     def load(run: Path) -> dict[int, dict]:  # policy iterations (step >= 1)
         out = {}
         for m in read_metrics(run):
@@ -192,9 +185,7 @@ def label_agreement(k: float, c: float, pairs: int) -> float:
 
 
 def annotator(root: Path) -> str:
-    """One row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>, seeds with both finished): the
-    labels, the reward model, and PPO's gold gain over its initial (SFT) policy, mean ± spread over seeds. A setting
-    meets the targets ("yes") only on 3 seeds or more."""
+    """A row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>), against issue 19's targets."""
     rows = [("| annotator k, c, pairs | c/k | seeds | labels' agreement with gold | reward model accuracy | its agreement "
              "with gold | its score-length correlation | PPO gold gain (lowest seed) | PPO length (SFT policy) | "
              "well-formed | meets the targets |"), "|---" * 11 + "|"]

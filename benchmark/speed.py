@@ -1,10 +1,10 @@
-"""ppo.py against Hugging Face TRL's PPOTrainer, side by side, and the compute floor (issue 18), on the CPU.
+"""ppo.py against TRL's PPOTrainer and the compute floor, on the CPU (benchmark/RESULTS.md's speed section says what
+each column measures, and how to make TRL's environment).
 
     python benchmark/speed.py --updates 4 --rounds 1       # a short check (default: 4 rounds x 30 updates)
-    python benchmark/speed.py table runs/bench/speed       # the table of benchmark/RESULTS.md's speed section
+    python benchmark/speed.py table runs/bench/speed       # the section's table, from the run's results.json
 
-What each column measures, and how to make TRL's environment: that section. `python benchmark/speed.py _NAME
-config.json` runs one of DRIVERS in its own process (TRL's in TRL's environment); it writes to the config's "result".
+`python benchmark/speed.py _NAME config.json` runs one of DRIVERS in its own process (TRL's with TRL's python).
 """
 
 import argparse
@@ -26,15 +26,12 @@ SETTINGS = {"batch_size": 64, "max_new_tokens": 48, "num_ppo_epochs": 4, "num_mi
 LEARNING_RATE, SEED, MAX_LOAD, MAX_WAIT = 3e-4, 1, 1.5, 120  # before each run, wait (a while) for a quiet machine
 
 
-# ---- the drivers, each run in its own process ------------------------------------------------------------------------
-
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def response_stats(torch, responses, eos_id: int) -> tuple[int, float]:
-    """Generated tokens up to and including the first EOS (all of a row without one), and the mean length without
-    the EOS (ppo.py's response/length)."""
+    """Generated tokens up to and including the first EOS, and the mean length without it (ppo.py's)."""
     is_eos = responses == eos_id
     ended = is_eos.any(-1)
     first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
@@ -190,7 +187,7 @@ def floor_driver(cfg: dict) -> None:
 
 
 def prompts_driver(cfg: dict) -> None:
-    """The toy prompts' ids, encoded as ppo.py encodes them, for the TRL driver and the floor."""
+    """The toy prompts' ids, encoded as ppo.py encodes them."""
     sys.path.insert(0, str(ROOT))
     import common
 
@@ -232,8 +229,6 @@ def eval_driver(cfg: dict) -> None:
 DRIVERS = {"_trl": trl_driver, "_floor": floor_driver, "_prompts": prompts_driver, "_eval": eval_driver}
 
 
-# ---- the benchmark: models, rounds, table ----------------------------------------------------------------------------
-
 def run(cmd: list, log: Path) -> None:
     """Run a command, its output to `log`; exit with the log's last lines if it fails."""
     print("$ " + shlex.join(str(c) for c in cmd), flush=True)
@@ -255,13 +250,12 @@ def driver(python: str, name: str, cfg: dict, work: Path, log: Path) -> dict:
 def models(work: Path) -> tuple[str, str]:
     """The SFT and reward model, trained with every default into work/models-toy-cpu once, then reused."""
     folder = work / "models-toy-cpu"
-    sft, rm = folder / "sft", folder / "reward_model"
     folder.mkdir(parents=True, exist_ok=True)
-    flags = ["--device", "cpu", "--overwrite"]
-    made_sft = not (sft / "summary.json").exists()
-    if made_sft:
+    sft, rm, flags = folder / "sft", folder / "reward_model", ["--device", "cpu", "--overwrite"]
+    if not (sft / "summary.json").exists():
+        (rm / "summary.json").unlink(missing_ok=True)  # a reward model from another SFT model
         run([sys.executable, "sft.py", "--model_name_or_path", "toy", "--output_dir", sft, *flags], folder / "sft.log")
-    if made_sft or not (rm / "summary.json").exists():
+    if not (rm / "summary.json").exists():
         run([sys.executable, "reward_model.py", "--model_name_or_path", sft, "--output_dir", rm, *flags],
             folder / "reward_model.log")
     return str(sft), str(rm)
