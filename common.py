@@ -194,12 +194,13 @@ def decode_responses(tokenizer, responses: torch.Tensor, response_mask: torch.Te
 # Processes (torchrun): each rank holds a shard of the batch, and these combine the shards ----------------------------
 
 def rank() -> int:
-    """This process's rank among the torchrun processes (0, the main process, when there is one)."""
-    return dist.get_rank() if dist.is_initialized() else 0
+    """This process's rank, as torchrun sets it (0: the main process, the only one without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    """How many processes torchrun started (1 without it); known before setup() joins them into a group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -325,8 +326,7 @@ def setup(args) -> tuple[torch.device, int, int]:
     """Start a run before anything loads: check --output_dir and --device, join torchrun's process group (NCCL, a GPU
     per rank, on CUDA; gloo on CPU), seed each rank apart, install the Ctrl-C handler. -> device, rank, world_size"""
     out = Path(args.output_dir)
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if getattr(args, "fsdp", False) and world_size < 2:
+    if getattr(args, "fsdp", False) and world_size() < 2:
         fail("--fsdp shards the models across processes: launch with torchrun --nproc_per_node N (N >= 2), or drop it")
     holds_run = any((out / f).exists() for f in RUN_FILES)
     if args.resume and not (out / "checkpoint.pt").exists():
@@ -358,18 +358,18 @@ def setup(args) -> tuple[torch.device, int, int]:
         fail(f"--device {args.device}: use auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda, but torch finds no CUDA device: use --device cpu")
-    if world_size > 1:
+    if world_size() > 1:
         if device == "cuda":
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
-    transformers.set_seed(args.seed + rank * SEED_STRIDE)
+    transformers.set_seed(args.seed + rank() * SEED_STRIDE)
     global _interrupt_note, _resume_command
     _resume_command = "python " + " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
     _interrupt_note = (f"resume with: {_resume_command}" if args.resume else
                        "no checkpoint was written yet: rerun with --overwrite")
     signal.signal(signal.SIGINT, _interrupted)
-    return torch.device(device), rank, world_size
+    return torch.device(device), rank(), world_size()
 
 
 def _interrupted(*_) -> NoReturn:

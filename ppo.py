@@ -74,15 +74,17 @@ class Args:
     temperature: float = 1.0
     """sampling temperature (log-probs are computed with the same temperature)"""
     kl_coef: float = 0.05
-    """beta: per-token KL penalty coefficient (initial value with --adaptive_kl)"""
+    """beta: each response token's reward is -beta (log pi(a_t) - log pi_ref(a_t)), the score added at the last one
+    (the initial beta with --adaptive_kl)"""
     adaptive_kl: bool = False
     """adapt beta to keep the KL near --kl_target (Ziegler et al. 2019)"""
     kl_target: float = 6.0
     """target KL (nats per sequence) for the adaptive controller"""
     kl_horizon: int = 10000
     """horizon (episodes) of the adaptive controller"""
-    missing_eos_penalty: float | None = -1.0
-    """score given to a response with no EOS within the limit (None: keep its reward)"""
+    missing_eos_score: float | None = -1.0
+    """the score that replaces that of a response with no EOS within the limit (N+'s EOS trick; TRL's
+    --missing_eos_penalty subtracts instead); None: keep its score"""
     gamma: float = 1.0
     """discount factor"""
     lam: float = 0.95
@@ -97,7 +99,7 @@ class Args:
     """sigma: add sigma * (1 - len/N) to the score, N = --target_length (Singhal et al. 2023)"""
     omit_long: bool = False
     """replace each rollout without EOS by a random EOS-terminated one of the batch (Singhal et al.);
-    silences --missing_eos_penalty. Training logs then describe the kept rollouts, except eos_rate"""
+    silences --missing_eos_score. Training logs then describe the kept rollouts, except eos_rate"""
     whiten_rewards: bool = False
     """whiten the per-token rewards (scale only) before GAE"""
     max_grad_norm: float = 1.0
@@ -114,6 +116,21 @@ class Args:
     """replace the run in --output_dir"""
 
 
+def check_args(args: Args, world_size: int) -> None:
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
+    is set up or loaded."""
+    common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
+                                      "learning_rate", "max_new_tokens", "temperature", "kl_target", "kl_horizon",
+                                      "cliprange", "cliprange_value", "max_grad_norm", "eval_every", "eval_rows",
+                                      "target_length", "save_every", "micro_batch_size", "max_prompt_length"),
+                      nonnegative=("kl_coef", "gamma", "lam", "vf_coef", "length_penalty"))
+    if args.total_episodes < args.batch_size:
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}")
+    if args.batch_size % (world_size * args.num_mini_batches):
+        common.fail(f"--batch_size {args.batch_size} must be divisible by {world_size} processes x "
+                    f"--num_mini_batches {args.num_mini_batches}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The math. Shapes: B responses, R response tokens (right-padded; mask is 1 up to the first EOS).
 # ---------------------------------------------------------------------------------------------
@@ -122,13 +139,24 @@ class Args:
 masked_mean = common.masked_mean  # mean over the entries where mask is 1, of every process's batch
 
 
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and variance of x over the masked entries of the whole batch (all processes)."""
+    mean = common.all_mean(masked_mean(x, mask))
+    return mean, common.all_mean(masked_mean((x - mean) ** 2, mask))
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / std over the masked entries of the whole batch (all processes); with
     shift_mean=False the mean is added back."""
-    mean = common.all_mean(masked_mean(x, mask))
-    var = common.all_mean(masked_mean((x - mean) ** 2, mask))
+    mean, var = masked_mean_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over the response tokens of the whole batch (CleanRL's
+    val/explained_variance): 1 when the value model predicts the returns, 0 when it does no better than their mean."""
+    return 1 - masked_mean_var(returns - values, mask)[1] / masked_mean_var(returns, mask)[1].clamp(min=1e-8)
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -198,9 +226,9 @@ class AdaptiveKLController:
     def __init__(self, init_kl_coef: float, target: float, horizon: int):
         self.value, self.target, self.horizon = init_kl_coef, target, horizon
 
-    def update(self, current_kl: float, n_steps: int) -> None:
+    def update(self, current_kl: float, n_episodes: int) -> None:
         error = max(-0.2, min(0.2, current_kl / self.target - 1))
-        self.value *= 1 + error * n_steps / self.horizon
+        self.value *= 1 + error * n_episodes / self.horizon
 
 
 def omit_long(ended: torch.Tensor, *rows):
@@ -236,19 +264,10 @@ def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tens
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
-                                      "learning_rate", "max_new_tokens", "temperature", "kl_target", "kl_horizon",
-                                      "cliprange", "cliprange_value", "max_grad_norm", "eval_every", "eval_rows",
-                                      "target_length", "save_every", "micro_batch_size", "max_prompt_length"),
-                      nonnegative=("kl_coef", "gamma", "lam", "vf_coef", "length_penalty"))
+    args = tyro.cli(Args, use_underscores=True)
+    check_args(args, common.world_size())
     device, rank, world_size = common.setup(args)
     num_iterations = args.total_episodes // args.batch_size
-    if num_iterations < 1:
-        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}")
-    if args.batch_size % (world_size * args.num_mini_batches):
-        common.fail(f"--batch_size {args.batch_size} must be divisible by {world_size} processes x "
-                    f"--num_mini_batches {args.num_mini_batches}")
     local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
     minibatch_size = local_batch_size // args.num_mini_batches
     micro_batch_size = min(args.micro_batch_size or minibatch_size, minibatch_size)  # rows per forward pass
@@ -283,7 +302,11 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, eps=1e-5,
                                   weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    run = common.Run(args, {"policy": policy, "value_model": value_model, "optimizer": optimizer, "scheduler": scheduler})
+    # the sizes the flags (and the data) imply, which args.json keeps beside them
+    sizes = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
+             "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"policy": policy, "value_model": value_model, "optimizer": optimizer,
+                            "scheduler": scheduler}, derived=sizes)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     rng, order, initial, start = random.Random(args.seed), [], None, 1  # the loop's state, fresh or resumed
     if run.resumed:
@@ -344,8 +367,8 @@ if __name__ == "__main__":
         lengths = common.response_length(responses, response_mask, common.stop_ids(tokenizer)).float()
         if args.length_penalty:  # Singhal et al.: sigma * (1 - len/N)
             scores = scores + args.length_penalty * (1 - lengths / args.target_length)
-        if args.missing_eos_penalty is not None:  # N+ "EOS trick"
-            scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_penalty))
+        if args.missing_eos_score is not None:  # N+ "EOS trick"
+            scores = torch.where(ended, scores, scores.new_tensor(args.missing_eos_score))
         response_mask = response_mask.float()
         logprobs, ref_logprobs, values = (x.float() * response_mask for x in (logprobs, ref_logprobs, values))
         t2, memory = time.time(), memory | common.phase_peak(device, "scoring")
@@ -403,6 +426,7 @@ if __name__ == "__main__":
             "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "val/mean": masked_mean(values, response_mask).item(),
+            "val/explained_variance": explained_variance(values, returns, response_mask).item(),
             "kl_coef": kl_coef,
             "lr": scheduler.get_last_lr()[0],
             "response/length": lengths.mean().item(),
@@ -426,5 +450,6 @@ if __name__ == "__main__":
     # ---- 6. final evaluation (sampled and greedy) and saving ----
     summary, samples = evaluate(num_iterations)
     greedy_metrics, _ = evaluate(num_iterations, greedy=True)
-    run.finish(policy, tokenizer, summary | {"greedy": greedy_metrics, "initial": initial[0]},
-               samples=samples, initial_samples=initial[1])
+    initial_metrics, initial_samples = initial
+    run.finish(policy, tokenizer, summary | {"greedy": greedy_metrics, "initial": initial_metrics},
+               samples=samples, initial_samples=initial_samples)

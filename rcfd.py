@@ -86,10 +86,12 @@ class Args:
     cliprange: float = 0.3
     """policy ratio clip epsilon (0.3 in the paper)"""
     kl_coef: float = 0.2
-    """beta: KL penalty per sequence, in units of one whitened calibrated component (0 in the paper;
-    the calibrated reward alone protects only what the reward measures)"""
-    missing_eos_penalty: float | None = 1.0
-    """a response with no EOS gets the batch's lowest calibrated reward minus this (None: keep its own)"""
+    """beta: the reward of a response is its calibrated reward minus beta sum_t (log pi(a_t) - log pi_ref(a_t)), in
+    units of one whitened calibrated component (0 in the paper; the calibrated reward alone protects only what the
+    reward measures)"""
+    missing_eos_margin: float | None = 1.0
+    """a response with no EOS within the limit gets the batch's lowest calibrated reward minus this margin (N+'s EOS
+    trick, adapted: a whitened reward has no fixed scale for a set score); None: keep its own"""
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     alignment_bins: int = 10
@@ -104,6 +106,23 @@ class Args:
     """continue the run in --output_dir from its latest checkpoint"""
     overwrite: bool = False
     """replace the run in --output_dir"""
+
+
+def check_args(args: Args, world_size: int) -> None:
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
+    is set up or loaded."""
+    common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
+                                      "learning_rate", "max_new_tokens", "temperature", "cliprange", "max_grad_norm",
+                                      "alignment_bins", "eval_every", "eval_rows", "target_length", "save_every",
+                                      "micro_batch_size", "max_prompt_length"),
+                      nonnegative=("kl_coef", "missing_eos_margin"))
+    if len(set(args.rewards)) != len(args.rewards) or not args.rewards:
+        common.fail(f"--rewards {' '.join(args.rewards)}: name each component once (model, gold, length, loglik)")
+    if args.total_episodes < args.batch_size:
+        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}")
+    if args.batch_size % (world_size * args.num_mini_batches):
+        common.fail(f"--batch_size {args.batch_size} must be divisible by {world_size} processes x "
+                    f"--num_mini_batches {args.num_mini_batches}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,21 +202,10 @@ def demo_rewards(indices: list[int], rows: list[dict], cache: dict[int, torch.Te
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
-                                      "learning_rate", "max_new_tokens", "temperature", "cliprange", "max_grad_norm",
-                                      "alignment_bins", "eval_every", "eval_rows", "target_length", "save_every",
-                                      "micro_batch_size", "max_prompt_length"),
-                      nonnegative=("kl_coef", "missing_eos_penalty"))
-    if len(set(args.rewards)) != len(args.rewards) or not args.rewards:
-        common.fail(f"--rewards {' '.join(args.rewards)}: name each component once (model, gold, length, loglik)")
+    args = tyro.cli(Args, use_underscores=True)
+    check_args(args, common.world_size())
     device, rank, world_size = common.setup(args)
     num_iterations = args.total_episodes // args.batch_size
-    if num_iterations < 1:
-        common.fail(f"--total_episodes {args.total_episodes} must be at least --batch_size {args.batch_size}")
-    if args.batch_size % (world_size * args.num_mini_batches):
-        common.fail(f"--batch_size {args.batch_size} must be divisible by {world_size} processes x "
-                    f"--num_mini_batches {args.num_mini_batches}")
     local_batch_size = args.batch_size // world_size  # this process's share of each batch of rollouts
     minibatch_size = local_batch_size // args.num_mini_batches
     micro_batch_size = min(args.micro_batch_size or minibatch_size, minibatch_size)  # rows per forward pass
@@ -229,7 +237,10 @@ if __name__ == "__main__":
     policy = common.distribute(policy, device, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler})
+    # the sizes the flags (and the data) imply, which args.json keeps beside them
+    sizes = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
+             "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
     # the loop's state, fresh or resumed; demo_cache: row index -> its demonstration's rewards (K,)
     rng, order, demo_cache, initial, start = random.Random(args.seed), [], {}, None, 1
     if run.resumed:
@@ -345,10 +356,10 @@ if __name__ == "__main__":
 
         # ---- 3. calibrated reward, EOS trick, KL penalty; whitened over the whole batch, the advantage ----
         rewards = calibrated_reward(scores, demo_scores)  # (B,)
-        if args.missing_eos_penalty is not None:
+        if args.missing_eos_margin is not None:
             # N+ "EOS trick", adapted: the calibrated reward is whitened, so a fixed score would have no
             # scale; a truncated response instead ranks below every response of the whole batch.
-            rewards = torch.where(ended, rewards, common.gather(rewards).min() - args.missing_eos_penalty)
+            rewards = torch.where(ended, rewards, common.gather(rewards).min() - args.missing_eos_margin)
         rewards = rewards - args.kl_coef * kl
         # No value network: the batch mean is the baseline; every token gets its sequence's advantage.
         advantages = whiten(rewards)[:, None] * response_mask  # (B, R)
@@ -422,5 +433,6 @@ if __name__ == "__main__":
     # ---- 6. final evaluation (sampled and greedy) and saving ----
     summary, samples = evaluate(num_iterations)
     greedy_metrics, _ = evaluate(num_iterations, greedy=True)
-    run.finish(policy, tokenizer, summary | {"greedy": greedy_metrics, "initial": initial[0]},
-               samples=samples, initial_samples=initial[1])
+    initial_metrics, initial_samples = initial
+    run.finish(policy, tokenizer, summary | {"greedy": greedy_metrics, "initial": initial_metrics},
+               samples=samples, initial_samples=initial_samples)

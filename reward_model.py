@@ -82,14 +82,17 @@ class Args:
     """replace the run in --output_dir"""
 
 
-def check(args: Args) -> None:
-    """fail() on a flag out of its range, before anything is loaded."""
+def check_args(args: Args, world_size: int) -> None:
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
+    is set up or loaded."""
     common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "max_train_rows",
                                       "length_bin_width", "eval_every", "eval_rows", "demo_rows", "save_every",
                                       "micro_batch_size"),
                       nonnegative=("center_rewards_coef", "random_augment"))
     if args.random_augment > 1:
         common.fail(f"--random_augment is a fraction of the training pairs: at most 1, got {args.random_augment}")
+    if args.batch_size % world_size:
+        common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -252,11 +255,9 @@ def prepare_for_transformers(classifier, tokenizer) -> None:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    check(args)
+    args = tyro.cli(Args, use_underscores=True)
+    check_args(args, common.world_size())
     device, rank, world_size = common.setup(args)
-    if args.batch_size % world_size:
-        common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
     toy = args.dataset_name == common.TOY
     hint = "run `python sft.py` first or pass --model_name_or_path"
     tokenizer = common.load_tokenizer(args.model_name_or_path, hint)
@@ -294,7 +295,9 @@ if __name__ == "__main__":
     model = common.distribute(model, device, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+    # the sizes the flags (and the data) imply, which args.json keeps beside them
+    sizes = {"num_steps": num_steps, "local_batch_size": local_batch_size, "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
     order, start = [], 1  # the loop's state (with rng), fresh or resumed
     if run.resumed:
         rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1

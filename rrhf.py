@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import tyro
@@ -99,8 +99,9 @@ class Args:
     """replace the run in --output_dir"""
 
 
-def check_args(args: Args) -> None:
-    """fail() with a one-line error on a flag out of its range, before anything is loaded."""
+def check_args(args: Args, world_size: int) -> None:
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
+    is set up or loaded."""
     common.check_args(args, positive=("target_length", "total_queries", "queries_per_step", "num_samples",
                                       "refresh_every", "temperature", "max_new_tokens", "learning_rate", "eval_rows",
                                       "eval_batch_size", "save_every", "micro_batch_size", "max_prompt_length"),
@@ -109,6 +110,8 @@ def check_args(args: Args) -> None:
         common.fail(f"--total_queries {args.total_queries} must be at least --queries_per_step {args.queries_per_step}")
     if not (args.sources or args.rrhf_data):
         common.fail("--sources is empty: pick from online, initial, demo")
+    if args.queries_per_step % world_size:
+        common.fail(f"--queries_per_step {args.queries_per_step} must be divisible by the {world_size} processes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,11 +162,17 @@ def finetune_loss(sum_logprobs: torch.Tensor, rewards: torch.Tensor, valid: torc
 
 
 # ---------------------------------------------------------------------------------------------
-# Candidates: a candidate is (response token ids, source, reward), the reward None until scored.
+# Candidates: a response to rank, where it came from, and its reward.
 # ---------------------------------------------------------------------------------------------
 
 
-def given_candidates(row: dict, tokenizer, max_new_tokens: int, demo: bool) -> list[tuple[list[int], str, float | None]]:
+class Candidate(NamedTuple):
+    response: list[int]  # token ids, up to and including the first EOS, if any
+    source: str  # online, initial, demo or data
+    reward: float | None  # None until scored
+
+
+def given_candidates(row: dict, tokenizer, max_new_tokens: int, demo: bool) -> list[Candidate]:
     """The candidates a training row brings before any sampling, each cut to max_new_tokens: a
     ready-made RRHF row's responses with their scores (source `data`); otherwise, with the `demo`
     source, the demonstration and the rejected response of preference data, to be scored."""
@@ -171,9 +180,9 @@ def given_candidates(row: dict, tokenizer, max_new_tokens: int, demo: bool) -> l
         return common.encode_completion(tokenizer, text, prompt=row["prompt"])[:max_new_tokens]
 
     if "responses" in row:
-        return [(cut(r), "data", float(s)) for r, s in zip(row["responses"], row["scores"])]
+        return [Candidate(cut(r), "data", float(s)) for r, s in zip(row["responses"], row["scores"])]
     texts = dict.fromkeys((row.get("completion"), row.get("rejected"))) if demo else {}
-    return [(cut(t), "demo", None) for t in texts if t is not None]
+    return [Candidate(cut(t), "demo", None) for t in texts if t is not None]
 
 
 def pack(query_ids: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -246,11 +255,9 @@ def read_rrhf_data(path: str) -> list[dict]:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    check_args(args)
+    args = tyro.cli(Args, use_underscores=True)
+    check_args(args, common.world_size())
     device, rank, world_size = common.setup(args)
-    if args.queries_per_step % world_size:
-        common.fail(f"--queries_per_step {args.queries_per_step} must be divisible by the {world_size} processes")
     num_steps = args.total_queries // args.queries_per_step
     local_queries = args.queries_per_step // world_size  # this process's share of each step's queries
     micro_batch_size = min(args.micro_batch_size or local_queries, local_queries)  # queries per forward pass
@@ -290,7 +297,9 @@ if __name__ == "__main__":
     policy = common.distribute(policy, device, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler})
+    # the sizes the flags (and the data) imply, which args.json keeps beside them
+    sizes = {"num_steps": num_steps, "local_queries": local_queries, "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
     # The loop's state, fresh or resumed: the data order, the candidates sampled for the coming
     # steps (OP-k), and the evaluation before training.
     rng, order, pending, initial, start = random.Random(args.seed), [], [], None, 1
@@ -326,29 +335,29 @@ if __name__ == "__main__":
         # candidates at once from the current policy is the paper's OP-k, without a frozen copy.
         t0 = time.time()
         if not pending:
-            n_steps = min(args.refresh_every, num_steps - step + 1)
-            while len(order) < n_steps * args.queries_per_step:  # epochs over the shuffled training rows
+            coming_steps = min(args.refresh_every, num_steps - step + 1)
+            while len(order) < coming_steps * args.queries_per_step:  # epochs over the shuffled training rows
                 order += rng.sample(range(len(train_rows)), len(train_rows))
-            for j in range(n_steps):  # each step's batch of queries, of which this process takes its share
+            for j in range(coming_steps):  # each step's batch of queries, of which this process takes its share
                 share = order[j * args.queries_per_step:(j + 1) * args.queries_per_step][rank::world_size]
                 pending.append([(i, list(given[i])) for i in share])
-            order = order[n_steps * args.queries_per_step:]
+            order = order[coming_steps * args.queries_per_step:]
             coming = [query for share in pending for query in share]
             policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
             for source in sampled:
                 new = sample(policy if source == "online" else ref_policy, tokenizer, [train_queries[i] for i, _ in coming],
                              args.num_samples, args.max_new_tokens, args.temperature, device)
                 for (_, candidates), responses in zip(coming, new):
-                    candidates += [(response, source, None) for response in responses]
-        batch = pending.pop(0)  # this step's queries: [(row index, [(response, source, reward), ...])]
+                    candidates += [Candidate(response, source, None) for response in responses]
+        batch = pending.pop(0)  # this step's queries: [(row index, [Candidate, ...])]
         t1 = time.time()
 
         # ---- 2. score the candidates with the reward (ready-made rows come scored) ----
-        flat = [(i, *candidate) for i, candidates in batch for candidate in candidates]  # the N real candidates
+        flat = [(i, c) for i, candidates in batch for c in candidates]  # the N real candidates, with their row
         queries, query_mask, responses, response_mask = (t.to(device) for t in pack(
-            [train_queries[i] for i, *_ in flat], [response for _, response, *_ in flat], tokenizer.pad_token_id))
-        flat_rewards = torch.tensor([0.0 if r is None else r for *_, r in flat], device=device)  # (N,)
-        todo = [n for n, (*_, r) in enumerate(flat) if r is None]  # all but the ready-made candidates
+            [train_queries[i] for i, _ in flat], [c.response for _, c in flat], tokenizer.pad_token_id))
+        flat_rewards = torch.tensor([0.0 if c.reward is None else c.reward for _, c in flat], device=device)  # (N,)
+        todo = [n for n, (_, c) in enumerate(flat) if c.reward is None]  # all but the ready-made candidates
         # A response cut at max_new_tokens without EOS is scored like any other: its reward is
         # whatever the reward gives it (the reward model reads its last token).
         if todo:
@@ -419,14 +428,14 @@ if __name__ == "__main__":
                    "time/training": t3 - t2, "eps": len(batch) / (t3 - t0)}  # queries per second, per process
         if kl is not None:
             metrics["objective/kl"] = common.masked_mean(kl, valid).item()
-        source_of = [source for _, _, source, _ in flat]
+        source_of = [c.source for _, c in flat]
         for source in sources:  # each source's mean reward: `online` is the policy's own
             is_source = torch.tensor([s == source for s in source_of], device=device)
             metrics[f"objective/scores_{source}"] = common.masked_mean(flat_rewards, is_source).item()
         if toy and "online" in sources:  # the true quality of the policy's own samples
             texts = common.decode_responses(tokenizer, responses, response_mask)
             online = [{"prompt": train_rows[i]["prompt"], "response": t}
-                      for (i, *_), t, s in zip(flat, texts, source_of) if s == "online"]
+                      for (i, _), t, s in zip(flat, texts, source_of) if s == "online"]
             gold = common.gold_metrics(online)
             metrics |= {"gold/reward": gold["gold"], "gold/well_formed": gold["well_formed"]}
         run.log(metrics, step)
@@ -437,8 +446,9 @@ if __name__ == "__main__":
     if ref_policy is None:  # the KL to the initial model needs it, though training did not
         ref_policy = common.load_model(args.sft_model_path, tokenizer, hint=hint, device=device, frozen=True)
     summary, samples = evaluate(num_steps, ref_policy)
-    if rank == 0:
+    if common.rank() == 0:
         for s in samples[:3]:
             print(f"  prompt: {s['prompt']!r}\n  sample: {s['response']!r}")
-    run.finish(policy, tokenizer, summary | {"initial": initial[0], "num_models": num_models},
-               samples=samples, initial_samples=initial[1])
+    initial_metrics, initial_samples = initial
+    run.finish(policy, tokenizer, summary | {"initial": initial_metrics, "num_models": num_models},
+               samples=samples, initial_samples=initial_samples)

@@ -67,6 +67,16 @@ class Args:
     """replace the run in --output_dir"""
 
 
+def check_args(args: Args, world_size: int) -> None:
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
+    is set up or loaded."""
+    common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
+                                      "eval_rows", "max_new_tokens", "save_every", "max_train_rows",
+                                      "micro_batch_size"))
+    if args.batch_size % world_size:
+        common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
+
+
 def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row that fits in max_length tokens; labels are -100 on prompt tokens
     so that only the completion (and its EOS) is learned. Says how many rows did not fit."""
@@ -114,13 +124,9 @@ def eval_loss(model, examples, pad_id, batch_size, device) -> float:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
-                                      "eval_rows", "max_new_tokens", "save_every", "max_train_rows",
-                                      "micro_batch_size"))
+    args = tyro.cli(Args, use_underscores=True)
+    check_args(args, common.world_size())
     device, rank, world_size = common.setup(args)
-    if args.batch_size % world_size:
-        common.fail(f"--batch_size {args.batch_size} must be divisible by the {world_size} processes")
     tokenizer = common.load_tokenizer(args.model_name_or_path)
     train_rows, test_rows = common.load_data(args.dataset_name, "sft", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split,
@@ -142,7 +148,10 @@ if __name__ == "__main__":
     model = common.distribute(model, device, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler})
+    # the sizes the flags (and the data) imply, which args.json keeps beside them
+    sizes = {"steps_per_epoch": steps_per_epoch, "num_steps": num_steps, "local_batch_size": local_batch_size,
+             "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
     rng, order, start = random.Random(args.seed), [], 1  # the loop's state, fresh or resumed
     if run.resumed:
         rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1

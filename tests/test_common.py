@@ -1003,7 +1003,7 @@ def test_run_finish_saves_the_model_samples_and_summary_last(tok, tmp_path: Path
     assert summary["peak_memory_mb"] > 0 and summary["wall_time"] >= 0
     assert [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()] == samples
     assert [json.loads(line) for line in (folder / "initial_samples.jsonl").read_text().splitlines()] == samples[:1]
-    assert json.loads((folder / "args.json").read_text()) == asdict(args) | {"world_size": 1}
+    assert json.loads((folder / "args.json").read_text()) == asdict(args) | {"world_size": 1, "derived": {}}
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert common.load_tokenizer(str(folder)).get_vocab() == tok.get_vocab()

@@ -2,12 +2,14 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
 from conftest import run_script
 
 import ppo
+import ppo_max
 
 # Three responses of different lengths: the second has no EOS (mask full), the third is one token.
 MASK = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float)
@@ -80,6 +82,24 @@ def test_masked_whiten_ignores_padding():
     assert torch.all(ppo.masked_whiten(x_padded, MASK)[MASK == 0] == 0)
 
 
+@pytest.mark.parametrize("script", [ppo, ppo_max], ids=["ppo", "ppo_max"])
+def test_explained_variance_and_masked_moments_against_the_real_tokens_alone(script):
+    """The masked mean and (biased) variance, and val/explained_variance = 1 - Var(returns - values) / Var(returns)
+    (CleanRL's), against plain formulas over the real tokens alone; padding holds garbage, which must not count."""
+    values, returns = random_like_mask(3), random_like_mask(4) + 0.5
+    garbage = 100.0 * (1 - MASK)
+    real = MASK.bool()
+    mean, var = script.masked_mean_var(returns + garbage, MASK)
+    y = returns[real].tolist()
+    naive_mean = sum(y) / len(y)
+    assert mean.item() == pytest.approx(naive_mean, abs=1e-6)
+    assert var.item() == pytest.approx(sum((v - naive_mean) ** 2 for v in y) / len(y), abs=1e-6)
+    residual = (returns - values)[real].tolist()
+    naive = 1 - statistics.pvariance(residual) / statistics.pvariance(y)
+    assert script.explained_variance(values + garbage, returns, MASK).item() == pytest.approx(naive, abs=1e-5)
+    assert script.explained_variance(returns, returns, MASK).item() == pytest.approx(1.0)  # a perfect value model
+
+
 def test_policy_loss_matches_naive_loop():
     logprobs, old_logprobs = random_like_mask(6) * 0.3, random_like_mask(7) * 0.3
     advantages = random_like_mask(8)
@@ -124,9 +144,9 @@ def test_value_loss_matches_naive_loop():
 
 def test_adaptive_kl_controller_moves_beta_toward_target():
     ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=1000)
-    ctl.update(current_kl=12.0, n_steps=100)  # KL too high: error clipped to +0.2
+    ctl.update(current_kl=12.0, n_episodes=100)  # KL too high: error clipped to +0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
-    ctl.update(current_kl=3.0, n_steps=100)  # KL too low: error -0.5 clipped to -0.2
+    ctl.update(current_kl=3.0, n_episodes=100)  # KL too low: error -0.5 clipped to -0.2
     assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
 
 

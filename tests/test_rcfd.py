@@ -147,7 +147,7 @@ def test_rcfd_killed_and_resumed_ends_as_the_uninterrupted_run(sft_model, full_r
 @pytest.mark.parametrize("flags, says", [
     (["--rewards", "gold", "gold"], "--rewards gold gold: name each component once"),
     (["--kl_coef", "-0.1"], "--kl_coef must be at least 0, got -0.1"),
-    (["--missing_eos_penalty", "-1"], "--missing_eos_penalty must be at least 0, got -1.0"),
+    (["--missing_eos_margin", "-1"], "--missing_eos_margin must be at least 0, got -1.0"),
     (["--alignment_bins", "0"], "--alignment_bins must be positive, got 0"),
     (["--cliprange", "0"], "--cliprange must be positive, got 0.0"),
     (["--num_mini_batches", "0"], "--num_mini_batches must be positive, got 0"),

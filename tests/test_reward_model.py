@@ -128,9 +128,9 @@ NUMERIC = [f.name for f in dataclasses.fields(reward_model.Args) if f.type in (i
 
 @pytest.mark.parametrize("flag", NUMERIC)
 def test_every_numeric_flag_is_range_checked(flag: str, capsys) -> None:
-    reward_model.check(reward_model.Args())  # the defaults pass
+    reward_model.check_args(reward_model.Args(), 1)  # the defaults pass
     with pytest.raises(SystemExit) as exit_info:
-        reward_model.check(dataclasses.replace(reward_model.Args(), **{flag: -1}))
+        reward_model.check_args(dataclasses.replace(reward_model.Args(), **{flag: -1}), 1)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and f"--{flag} " in lines[0]
 
@@ -145,11 +145,11 @@ def test_every_numeric_flag_is_range_checked(flag: str, capsys) -> None:
 ])
 def test_bad_flags_are_one_line_errors(changes: dict, says: str, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        reward_model.check(dataclasses.replace(reward_model.Args(), **changes))
+        reward_model.check_args(dataclasses.replace(reward_model.Args(), **changes), 1)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and says in lines[0]
     for fine in ({"center_rewards_coef": 0.0, "random_augment": 0.0}, {"random_augment": 1.0}):
-        reward_model.check(dataclasses.replace(reward_model.Args(), **fine))
+        reward_model.check_args(dataclasses.replace(reward_model.Args(), **fine), 1)
 
 
 def test_reward_model_end_to_end(sft_model: Path, tmp_path: Path) -> None:

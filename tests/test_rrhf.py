@@ -96,9 +96,9 @@ def numeric_flags() -> list[str]:
 
 @pytest.mark.parametrize("name", numeric_flags())
 def test_every_numeric_flag_is_range_checked(name, capsys):
-    rrhf.check_args(rrhf.Args())  # the defaults pass
+    rrhf.check_args(rrhf.Args(), 1)  # the defaults pass
     with pytest.raises(SystemExit) as exit_info:
-        rrhf.check_args(rrhf.Args(**{name: -1}))
+        rrhf.check_args(rrhf.Args(**{name: -1}), 1)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: --{name} must be")
 
@@ -111,7 +111,7 @@ def test_every_numeric_flag_is_range_checked(name, capsys):
 ])
 def test_inconsistent_flags_fail_with_one_line(flags, says, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        rrhf.check_args(rrhf.Args(**flags))
+        rrhf.check_args(rrhf.Args(**flags), 1)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and says in err
 
