@@ -1,12 +1,6 @@
-"""What fits on one 80 GB GPU: ppo.py's PPO training of four real model shapes, from per-token sizes it measures.
-
-On the CPU, with random weights and no download: the bytes autograd saves for backward
-(saved_tensors_hooks, each storage once) under CPU bf16 autocast with fp32 weights, as ppo.py trains on CUDA, for one
-decoder layer of each shape with and without gradient checkpointing, the rest of the value model (common.TokenScores)
-and the policy's LM head and log-probs (common.response_logprobs, real vocabulary). Then the memory per GPU of the
-policy and value model (trained), the reference policy and reward model (frozen, bf16), and a verdict per shape.
-
-    python benchmark/fits.py
+"""What fits on one 80 GB GPU: ppo.py's PPO training of four real model shapes, from the per-token bytes autograd
+saves for backward, measured on the CPU under bf16 autocast with random weights (RESULTS.md, "Memory at a real
+vocabulary", says how; its generated block is this script's output).
 """
 
 import sys

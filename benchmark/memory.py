@@ -2,7 +2,7 @@
 
 A tiny Llama whose vocabulary is the toy tokenizer's padded to SmolLM2's 49,152 tokens, stored in bf16, random weights
 (so every response runs to the length limit), is SFT policy, reference, reward and value model; ppo.py runs at each
---batch_size (with --trl_python, TRL's PPOTrainer too, through benchmark/speed.py's driver). benchmark/RESULTS.md,
+--batch_size (with --trl_python, TRL's PPOTrainer too, through benchmark/trl_ppo.py). benchmark/RESULTS.md,
 "Memory at a real vocabulary", has the commands and the tables.
 """
 
@@ -83,11 +83,11 @@ def trl_run(args, base: Path, batch_size: int) -> dict:
     settings = SETTINGS | {"batch_size": batch_size, "micro_batch_size": args.micro_batch_size}
     cfg = {"sft": str(base), "reward_model": str(base), "settings": settings, "seed": 1, "updates": args.updates,
            "learning_rate": 3e-4, "out": str(work / "out")}
-    for name, python in (("_prompts", sys.executable), ("_trl", args.trl_python)):
+    for name, python, script in (("_prompts", sys.executable, "speed.py"), ("_trl", args.trl_python, "trl_ppo.py")):
         cfg["result"] = str(work / f"{name}.json")
         (work / f"{name}.config.json").write_text(json.dumps(cfg))
-        print(f"$ {python} benchmark/speed.py {name} {work / f'{name}.config.json'}", flush=True)
-        subprocess.run([python, str(ROOT / "benchmark" / "speed.py"), name, str(work / f"{name}.config.json")],
+        print(f"$ {python} benchmark/{script} {name} {work / f'{name}.config.json'}", flush=True)
+        subprocess.run([python, str(ROOT / "benchmark" / script), name, str(work / f"{name}.config.json")],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         cfg["prompts"] = str(work / "_prompts.json")
     return json.loads((work / "_trl.json").read_text())

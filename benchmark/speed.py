@@ -4,10 +4,11 @@ each column measures, and how to make TRL's environment).
     python benchmark/speed.py --updates 4 --rounds 1       # a short check (default: 4 rounds x 30 updates)
     python benchmark/speed.py table runs/bench/speed       # the section's table, from the run's results.json
 
-`python benchmark/speed.py _NAME config.json` runs one of DRIVERS in its own process (TRL's with TRL's python).
+`python benchmark/speed.py _NAME config.json` runs one of DRIVERS in its own process; TRL's is in trl_ppo.py.
 """
 
 import argparse
+import importlib.metadata
 import itertools
 import json
 import os
@@ -36,85 +37,6 @@ def response_stats(torch, responses, eos_id: int) -> tuple[int, float]:
     ended = is_eos.any(-1)
     first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
     return int((first + ended.long()).sum()), float(first.float().mean())
-
-
-def trl_driver(cfg: dict) -> None:
-    """TRL's PPOTrainer, run by TRL's python: each update timed between on_step_end calls; generation by wrapping
-    batch_generation; training from the first forward with gradients; scoring (reference, value, reward, GAE) between."""
-    os.environ |= {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "true", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    import datasets
-    import torch
-    import transformers
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as module
-
-    transformers.utils.logging.set_verbosity_error()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(cfg["sft"])
-    tokenizer.padding_side = "left"
-    fp32 = {"dtype": torch.float32}  # as ppo.py holds them on a CPU, whatever dtype a checkpoint was stored in
-    policy = transformers.AutoModelForCausalLM.from_pretrained(cfg["sft"], **fp32)
-    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(cfg["sft"], **fp32)
-    classifier = transformers.AutoModelForSequenceClassification
-    value_model = classifier.from_pretrained(cfg["reward_model"], num_labels=1, **fp32)
-    reward_model = classifier.from_pretrained(cfg["reward_model"], num_labels=1, **fp32)
-    prompts = json.loads(Path(cfg["prompts"]).read_text())
-    train = datasets.Dataset.from_list([{"input_ids": ids} for ids in prompts["train"]])
-    test = datasets.Dataset.from_list([{"input_ids": ids} for ids in prompts["test"]])
-    s = cfg["settings"]
-    # ppo.py's --micro_batch_size: TRL's rows per forward/backward pass and per rollout forward pass; its rollout batch
-    # is per_device_train_batch_size x gradient_accumulation_steps
-    micro = s.get("micro_batch_size") or s["batch_size"]
-    args = PPOConfig(
-        output_dir=cfg["out"], seed=cfg["seed"], learning_rate=cfg["learning_rate"], adam_epsilon=1e-5,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=s["batch_size"] // micro,
-        num_mini_batches=s["num_mini_batches"], num_ppo_epochs=s["num_ppo_epochs"],
-        total_episodes=cfg["updates"] * s["batch_size"], local_rollout_forward_batch_size=micro,
-        response_length=s["max_new_tokens"], temperature=s["temperature"], kl_coef=s["kl_coef"],
-        missing_eos_penalty=-s["missing_eos_penalty"],  # TRL subtracts it from the score; ppo.py sets the score to it
-        stop_token="eos", num_sample_generations=0, per_device_eval_batch_size=s["batch_size"],
-        bf16=False, fp16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, sft_model_path=cfg["sft"], reward_model_path=cfg["reward_model"])
-
-    updates, now = [], {}
-    generation, forward = module.batch_generation, module.forward
-
-    def timed_generation(model, queries, *rest, **kwargs):
-        now["generation_start"] = time.perf_counter()
-        query_responses, logits = generation(model, queries, *rest, **kwargs)
-        now["generation_end"] = time.perf_counter()
-        responses = query_responses[:, queries.shape[1]:]
-        now["tokens"], now["length"] = response_stats(torch, responses, tokenizer.eos_token_id)
-        now["width"] = responses.shape[1]
-        return query_responses, logits
-
-    def timed_forward(model, query_responses, pad_token_id):
-        if torch.is_grad_enabled() and "training_start" not in now:
-            now["training_start"] = time.perf_counter()
-        return forward(model, query_responses, pad_token_id)
-
-    module.batch_generation, module.forward = timed_generation, timed_forward
-
-    class Timer(transformers.TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            now["start"] = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            end = time.perf_counter()
-            updates.append({"wall": end - now["start"], "tokens": now["tokens"], "length": now["length"],
-                            "width": now["width"], "generation": now["generation_end"] - now["generation_start"],
-                            "scoring": now["training_start"] - now["generation_end"],
-                            "training": end - now["training_start"]})
-            now.clear()
-            now["start"] = end
-
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref_policy,
-                         reward_model=reward_model, value_model=value_model, train_dataset=train, eval_dataset=test,
-                         callbacks=[Timer()])
-    trainer.train()
-    peak, out = peak_mb(), Path(cfg["out"]) / "policy"
-    trainer.policy_model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    Path(cfg["result"]).write_text(json.dumps({"updates": updates, "peak_memory_mb": peak, "policy": str(out)}))
 
 
 def floor_driver(cfg: dict) -> None:
@@ -226,7 +148,7 @@ def eval_driver(cfg: dict) -> None:
     Path(cfg["result"]).write_text(json.dumps(metrics | common.gold_metrics(samples)))
 
 
-DRIVERS = {"_trl": trl_driver, "_floor": floor_driver, "_prompts": prompts_driver, "_eval": eval_driver}
+DRIVERS = {"_floor": floor_driver, "_prompts": prompts_driver, "_eval": eval_driver}
 
 
 def run(cmd: list, log: Path) -> None:
@@ -240,10 +162,11 @@ def run(cmd: list, log: Path) -> None:
 
 
 def driver(python: str, name: str, cfg: dict, work: Path, log: Path) -> dict:
-    """Run one of DRIVERS in its own process; return what it wrote."""
+    """Run one of DRIVERS (or TRL's, `_trl`, from trl_ppo.py) in its own process; return what it wrote."""
     cfg = cfg | {"result": str(work / f"{log.stem}.json")}
     (work / f"{log.stem}.config.json").write_text(json.dumps(cfg, indent=1))
-    run([python, __file__, name, str(work / f"{log.stem}.config.json")], log)
+    script = Path(__file__).with_name("trl_ppo.py") if name == "_trl" else __file__
+    run([python, script, name, str(work / f"{log.stem}.config.json")], log)
     return json.loads(Path(cfg["result"]).read_text())
 
 
@@ -324,14 +247,6 @@ def table(work: Path) -> str:
     return "\n".join(lines)
 
 
-def versions(python: str, packages: str) -> dict:
-    code = f"import importlib.metadata as m, json; print(json.dumps({{p: m.version(p) for p in {packages.split()}}}))"
-    done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
-    if done.returncode:
-        sys.exit(f"no {packages} at {python}: make TRL's environment (benchmark/RESULTS.md's speed section)")
-    return json.loads(done.stdout)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=30, help="PPO updates per run")
@@ -341,14 +256,15 @@ def main() -> None:
     args = p.parse_args()
     if args.updates < 1 or args.rounds < 1:
         p.error("--updates and --rounds must be positive")
+    if not Path(args.trl_python).exists():
+        p.error(f"no {args.trl_python}: make TRL's environment (benchmark/RESULTS.md's speed section)")
     cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
            if line.startswith("model name")]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False)
-    info = {"trl_versions": versions(args.trl_python, "trl torch transformers"), "date": time.strftime("%Y-%m-%d"),
-            "load": ", ".join(f"{x:.2f}" for x in os.getloadavg()), "commit": commit.stdout.strip() or "?",
-            "machine": f"{os.cpu_count()} CPU cores ({cpu[0] if cpu else '?'})",
-            **versions(sys.executable, "torch transformers")}
+    info = {"date": time.strftime("%Y-%m-%d"), "load": ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "commit": commit.stdout.strip() or "?", "machine": f"{os.cpu_count()} CPU cores ({cpu[0] if cpu else '?'})",
+            **{name: importlib.metadata.version(name) for name in ("torch", "transformers")}}
     print(f"load average at start: {info['load']}", flush=True)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
@@ -379,7 +295,7 @@ def main() -> None:
                                         folder / f"{name}_eval.log")
             results[name].append(result)
             print(f"  {json.dumps({k: round(v, 3) for k, v in summarize(result).items()})}", flush=True)
-    info["loads_before_runs"] = loads
+    info |= {"loads_before_runs": loads, "trl_versions": results["trl"][0]["versions"]}
     saved = {"info": info, "args": vars(args), "results": results}
     (work / "results.json").write_text(json.dumps(saved, indent=1, default=str))
     print("\n" + table(work))
