@@ -23,6 +23,7 @@ from report import group_runs, mean_spread  # benchmark/report.py
 import common
 import rcfd
 
+MIN_WELL_FORMED, EVAL_ROWS, BINS = 0.9, 128, 10  # pick's qualifying runs; alignment's prompts, as rcfd.py's bins
 EVAL_KEYS = {"proxy reward": "eval/reward", "gold": "eval/gold", "KL": "eval/kl", "length": "eval/length",
              "well-formed": "eval/well_formed", "alignment KL": "eval/alignment_kl"}
 
@@ -35,17 +36,9 @@ class Args:
     """folder holding the `<name>_s<seed>` run folders"""
     reward_model_path: str = "runs/reward_model"
     """the reward model the runs optimized (for `alignment`)"""
-    min_well_formed: float = 0.9
-    """`pick`: only coefficients whose final well-formed rate is at least this qualify"""
-    eval_rows: int = 128
-    """`alignment`: held-out prompts to evaluate on"""
-    alignment_bins: int = 10
-    """`alignment`: histogram bins, as rcfd.py's --alignment_bins"""
-    at: tuple[int, ...] = ()
-    """`table`: iterations to show (default: every evaluated one)"""
 
 
-def pick(root: Path, min_well_formed: float) -> None:
+def pick(root: Path) -> None:
     """Print the KL coefficient whose run ended with the highest gold (well-formed enough): an oracle a real sweep
     does not have, the best case for the KL baseline."""
     results = []
@@ -54,19 +47,19 @@ def pick(root: Path, min_well_formed: float) -> None:
         results.append((args["kl_coef"], summary["gold"], summary["well_formed"]))
         print(f"kl_coef={args['kl_coef']:g} gold={summary['gold']:.3f} well_formed={summary['well_formed']:.3f} "
               f"kl={summary['kl']:.2f}", file=sys.stderr)
-    eligible = [r for r in results if r[2] >= min_well_formed] or results
+    eligible = [r for r in results if r[2] >= MIN_WELL_FORMED] or results
     print(f"{max(eligible, key=lambda r: r[1])[0]:g}")
 
 
 @torch.no_grad()
-def align(run: Path, score_fn, eval_rows: int, bins: int, device: torch.device) -> dict:
+def align(run: Path, score_fn, device: torch.device) -> dict:
     """A saved policy's rewards on the held-out prompts against the demonstrations', as rcfd.py scores them."""
     args = json.loads((run / "args.json").read_text())
     tokenizer = common.load_tokenizer(str(run))
     policy = common.load_model(str(run), tokenizer).to(device).eval()
     ref_policy = common.load_model(args["sft_model_path"], tokenizer).to(device).eval()
     _, test_rows = common.load_data(args["dataset_name"], "prompts", tokenizer, args["dataset_config"],
-                                    args["dataset_train_split"], args["dataset_test_split"], eval_rows)
+                                    args["dataset_train_split"], args["dataset_test_split"], EVAL_ROWS)
     max_positions = common.max_positions(policy)
     max_prompt_tokens = max_positions - args["max_new_tokens"]
     prompts = [r["prompt"] for r in test_rows]
@@ -84,13 +77,13 @@ def align(run: Path, score_fn, eval_rows: int, bins: int, device: torch.device) 
     metrics, samples = common.evaluate(policy, ref_policy, tokenizer, prompts, queries, score_fn,
                                        args["max_new_tokens"], args["temperature"])
     rewards = torch.tensor([s["score"] for s in samples])
-    return {"alignment_kl": rcfd.alignment_kl(demo, rewards, bins), "reward": metrics["reward"],
+    return {"alignment_kl": rcfd.alignment_kl(demo, rewards, BINS), "reward": metrics["reward"],
             "reward_std": rewards.std().item(), "demo_reward": demo.mean().item(), "demo_reward_std": demo.std().item(),
             "gold": common.gold_metrics(samples)["gold"],
             "samples": [f"{s['prompt']} || {s['response']}" for s in samples[:4]]}
 
 
-def alignment(root: Path, reward_model_path: str, eval_rows: int, bins: int) -> None:
+def alignment(root: Path, reward_model_path: str) -> None:
     """Write alignment.json into each run (skipped where there is one), with the same reward model for every run."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reward_model = common.TokenScores(common.load_model(reward_model_path, common.load_tokenizer(reward_model_path),
@@ -103,12 +96,12 @@ def alignment(root: Path, reward_model_path: str, eval_rows: int, bins: int) -> 
 
     for runs in group_runs(root).values():
         for run in [run for run in runs if not (run / "alignment.json").exists()]:
-            result = align(run, score_fn, eval_rows, bins, device)
+            result = align(run, score_fn, device)
             common.write_json(run / "alignment.json", result)
             print(run.name, " ".join(f"{k}={v:.3f}" for k, v in result.items() if k != "samples"), file=sys.stderr)
 
 
-def table(root: Path, at: tuple[int, ...]) -> str:
+def table(root: Path) -> str:
     """Held-out evaluation at every evaluated iteration, mean ± spread over seeds; the final row's alignment KL
     comes from alignment.json."""
     groups = group_runs(root)
@@ -117,7 +110,7 @@ def table(root: Path, at: tuple[int, ...]) -> str:
         evals = [{m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                   if "eval/reward" in m} for run in runs]
         final = max(evals[0])
-        for step in sorted(set.intersection(*(set(e) for e in evals)) & set(at or evals[0])):
+        for step in sorted(set.intersection(*(set(e) for e in evals))):
             cells = []
             for key in EVAL_KEYS.values():
                 values = [e[step].get(key) for e in evals]
@@ -140,8 +133,8 @@ if __name__ == "__main__":
         print(f"error: {args.runs} is not a folder of runs: run benchmark/overoptimization.sh first", file=sys.stderr)
         sys.exit(2)
     if args.command == "pick":
-        pick(args.runs, args.min_well_formed)
+        pick(args.runs)
     elif args.command == "alignment":
-        alignment(args.runs, args.reward_model_path, args.eval_rows, args.alignment_bins)
+        alignment(args.runs, args.reward_model_path)
     else:
-        print(table(args.runs, args.at))
+        print(table(args.runs))
