@@ -67,7 +67,7 @@ def ppo_run(args, base: Path, batch_size: int) -> dict:
     cmd = [sys.executable, "ppo.py", "--sft_model_path", str(base), "--reward_model_path", str(base),
            "--output_dir", str(out), "--overwrite", "--batch_size", str(batch_size), "--total_episodes",
            str(args.updates * batch_size), "--max_new_tokens", str(NEW_TOKENS), "--eval_rows", "16",
-           "--eval_every", "1000000", "--save_every", "1000000", *micro, *args.extra]
+           "--eval_every", "1000000", "--save_every", "1000000", *micro]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=args.source, check=True, stdout=subprocess.DEVNULL)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +108,6 @@ def main() -> None:
     p.add_argument("--source", type=Path, default=ROOT, help="the checkout whose ppo.py runs (default: this one)")
     p.add_argument("--trl_python", help="also run TRL's PPOTrainer with this python")
     p.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench" / "memory")
-    p.add_argument("extra", nargs="*", help="more ppo.py flags, after --")
     args = p.parse_args()
     base = args.work_dir / "base"
     if not (base / "config.json").exists():
