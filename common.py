@@ -365,7 +365,8 @@ def setup(args) -> tuple[torch.device, int, int]:
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo")
     transformers.set_seed(args.seed + rank() * SEED_STRIDE)
     global _interrupt_note, _resume_command
-    _resume_command = "python " + " ".join(a for a in sys.argv if a != "--overwrite") + ("" if args.resume else " --resume")
+    again = " ".join(a for a in sys.argv if a != "--overwrite")  # the command that started this run
+    _resume_command = f"python {again}" + ("" if args.resume else " --resume")
     _interrupt_note = (f"resume with: {_resume_command}" if args.resume else
                        "no checkpoint was written yet: rerun with --overwrite")
     signal.signal(signal.SIGINT, _interrupted)
@@ -530,8 +531,9 @@ class Run:
         state = self._shard_state()  # which gives every parameter optimizer state, real or zero
         dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))  # in place
         saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-        for fqn in [k for k in state["optimizer"]["state"] if not any(s.startswith(f"optimizer.state.{k}.") for s in saved)]:
-            del state["optimizer"]["state"][fqn]  # a parameter not updated yet (ppo_max's policy in the warm-up): none
+        for fqn in list(state["optimizer"]["state"]):  # a parameter not updated yet (ppo_max's warm-up policy): none
+            if not any(s.startswith(f"optimizer.state.{fqn}.") for s in saved):
+                del state["optimizer"]["state"][fqn]
         set_state_dict(self.shard_models, self.shard_optimizers, model_state_dict=state["models"],
                        optim_state_dict=state["optimizer"])
 
@@ -570,8 +572,9 @@ class Run:
             dcp.save(self._shard_state(), checkpoint_id=self.dir / shards["shards"])  # done on every rank on return
         if rank() == 0:
             tmp = self.dir / "checkpoint.pt.tmp"
-            torch.save({name: unwrap(obj).state_dict() for name, obj in self.state.items() if name not in self.sharded} |
-                       {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()} | shards, tmp)
+            states = {name: unwrap(obj).state_dict() for name, obj in self.state.items() if name not in self.sharded}
+            torch.save(states | {"rng": rngs, "loop": loop | {"step": step}, "metrics_offset": self.metrics.tell()}
+                       | shards, tmp)
             os.replace(tmp, self.checkpoint)
             self._remove_shards(keep=shards.get("shards"))  # the earlier checkpoint's
         global _interrupt_note
@@ -653,7 +656,7 @@ def load_tokenizer(name_or_path: str, hint: str = "check the path or hub id"):
 def load_model(name_or_path: str, tokenizer, kind: str = "causal", hint: str = "check the path or hub id",
                device: torch.device | str = "cpu", frozen: bool = False, gradient_checkpointing: bool = False):
     """A causal LM ("causal") or a scalar-head classifier ("score") on `device`, dropout off (N+ detail: it would make
-    PPO's ratios and a preference pair's scores noisy). A "score" model from a causal LM gets a zero head: it starts at 0.
+    PPO's ratios and a preference pair's scores noisy). A "score" model made from a causal LM starts at 0 (zero head).
     Precision: transformers 5 loads a checkpoint in its stored dtype (bf16 or fp16 for most hub models), and AdamW on
     bf16 weights rounds most small updates away (fp16's second moment underflows). So a trained model holds fp32 master
     weights (and optimizer state) and computes in bf16 under autocast on CUDA; a `frozen` one (reference policy, reward
@@ -736,8 +739,8 @@ def _stop_ids(tokenizer, eos_token_id: int, chat_template: str | None) -> tuple[
         ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
     if chat_template:
         reply = "minrlhf"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}],
-                                             tokenize=False)
+        turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": reply}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
         special = {*tokenizer.all_special_ids, *(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)}
         after = tokenizer(text[text.rfind(reply) + len(reply):], add_special_tokens=False)["input_ids"]
         ids += [i for i in after if i in special][:1]
@@ -826,12 +829,12 @@ def standardize_row(row: dict, tokenizer) -> dict:
         raise ValueError("unknown format")
     prompt = row["prompt"] if isinstance(row["prompt"], str) else _render(row["prompt"], tokenizer, True)
     if row.get("chosen") is not None and row.get("rejected") is not None:
-        chosen, rejected = _reply(row["prompt"], row["chosen"], tokenizer), _reply(row["prompt"], row["rejected"], tokenizer)
+        chosen, rejected = (_reply(row["prompt"], row[k], tokenizer) for k in ("chosen", "rejected"))
         return {"prompt": prompt, "completion": chosen, "chosen": chosen, "rejected": rejected,
                 **({"margin": row["margin"]} if "margin" in row else {})}
     completion = row.get("completion")
-    return {"prompt": prompt, "completion": None if completion is None else _reply(row["prompt"], completion, tokenizer),
-            "chosen": None, "rejected": None}
+    completion = None if completion is None else _reply(row["prompt"], completion, tokenizer)
+    return {"prompt": prompt, "completion": completion, "chosen": None, "rejected": None}
 
 
 def _load_splits(name: str, config: str | None):
@@ -839,7 +842,8 @@ def _load_splits(name: str, config: str | None):
     if os.path.isdir(name):
         for state in [Path(name, "state.json"), *Path(name).glob("*/state.json")]:  # datasets fails on these vaguely
             if state.exists() and not json.loads(state.read_text()).get("_data_files"):
-                fail(f"dataset {name} has an empty {state.parent.name if state.parent != Path(name) else 'train'!r} split")
+                split = state.parent.name if state.parent != Path(name) else "train"
+                fail(f"dataset {name} has an empty {split!r} split")
         loaded = datasets.load_from_disk(name)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     if not name.endswith((".json", ".jsonl", ".parquet")):
@@ -1038,7 +1042,7 @@ def toy_dataset(kind: str, seed: int = 0, n_train: int | None = None, n_test: in
     if n_train is None:
         n_train = 8000 if kind == "preference" else 4000
     rng = random.Random(f"{kind}-{seed}")
-    drafts_rng = random.Random(f"{kind}-{seed}-drafts")  # its own stream: the prompts are the same for any EXPERT_DRAFTS
+    drafts_rng = random.Random(f"{kind}-{seed}-drafts")  # its own stream: the same prompts for any EXPERT_DRAFTS
 
     def row() -> dict:
         review = sample_review(rng)
@@ -1048,7 +1052,8 @@ def toy_dataset(kind: str, seed: int = 0, n_train: int | None = None, n_test: in
             return {"prompt": prompt, "completion": " ".join(a)}
         if kind == "prompts":  # an expert's demonstration: the best of its drafts by gold
             drafts = [a] + [sample_review(drafts_rng, review[:cut])[cut:] for _ in range(EXPERT_DRAFTS - 1)]
-            return {"prompt": prompt, "completion": " ".join(max(drafts, key=lambda d: gold_reward(prompt, " ".join(d))))}
+            best = max(drafts, key=lambda d: gold_reward(prompt, " ".join(d)))
+            return {"prompt": prompt, "completion": " ".join(best)}
         b = sample_review(rng, review[:cut])[cut:]
         ga, gb = gold_reward(prompt, " ".join(a)), gold_reward(prompt, " ".join(b))
         # clipped so that exp() cannot overflow for a large k (no effect at the defaults)

@@ -72,8 +72,7 @@ class Args:
     """rows of one forward/backward pass on one process: gradients accumulate over a minibatch's micro-batches and
     the rollout's no-grad passes run in chunks of it (memory, not results); None: the whole minibatch"""
     gradient_checkpointing: bool = False
-    """recompute the trained models' activations in the backward pass instead of keeping them (less memory, more
-    compute)"""
+    """recompute the trained models' activations in the backward pass (less memory, more compute)"""
     learning_rate: float = 3e-4
     """Adam learning rate of policy and value model, decayed linearly to 0"""
     max_new_tokens: int = 48
@@ -134,8 +133,7 @@ class Args:
 
 
 def check_args(args: Args, world_size: int) -> None:
-    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
-    is set up or loaded."""
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together."""
     common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
                                       "learning_rate", "max_new_tokens", "temperature", "kl_target", "kl_horizon",
                                       "cliprange", "cliprange_value", "max_grad_norm", "eval_every", "eval_rows",
@@ -173,18 +171,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(returns - values) / Var(returns) over the response tokens of the whole batch (CleanRL's
-    val/explained_variance): 1 when the value model predicts the returns, 0 when it does no better than their mean."""
+    """1 - Var(returns - values) / Var(returns) over the batch's response tokens (CleanRL's val/explained_variance)."""
     return 1 - masked_mean_var(returns - values, mask)[1] / masked_mean_var(returns, mask)[1].clamp(min=1e-8)
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          response_mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards r_t = -beta * (log pi(a_t) - log pi_ref(a_t)), plus the sequence score on
-    the last response token (the EOS, or the last token when there is none).
-
-    scores (B,), logprobs/ref_logprobs/response_mask (B, R) -> rewards (B, R), kl (B, R).
-    kl is the k1 estimator per token, 0 on padding."""
+    """Per-token rewards r_t = -beta * (log pi(a_t) - log pi_ref(a_t)), plus the sequence score on the last response
+    token (its EOS, or the last token when there is none). scores (B,), logprobs, ref_logprobs, response_mask (B, R)
+    -> rewards (B, R), kl (B, R): the k1 estimator per token, 0 on padding."""
     kl = (logprobs - ref_logprobs) * response_mask
     rewards = -kl_coef * kl
     last = response_mask.sum(-1).long() - 1  # index of the last real token
@@ -194,11 +189,9 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor,
                 gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation (Schulman et al. 2016).
-
-    delta_t = r_t + gamma V(t+1) - V(t),  A_t = delta_t + gamma lam A_{t+1},  returns = A + V.
-    rewards, values, response_mask (B, R) -> advantages (B, R), returns (B, R). The value after the
-    last real token is 0 (the episode ends); padding carries 0 reward and 0 value, so it adds nothing."""
+    """Generalized advantage estimation (Schulman et al. 2016): delta_t = r_t + gamma V(t+1) - V(t),
+    A_t = delta_t + gamma lam A_{t+1}, returns = A + V. rewards, values, response_mask (B, R) -> advantages, returns
+    (B, R). The value after the last real token is 0 (the episode ends); padding has 0 reward and 0 value."""
     values = values * response_mask
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(rewards[:, 0])
@@ -264,11 +257,9 @@ def omit_long(ended: torch.Tensor, *rows):
 @torch.no_grad()
 def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                response_mask: torch.Tensor, *, reward: str, tokenizer, device: torch.device, target_length: int,
-               reward_model: common.TokenScores | None = None, rm_tokenizer=None, same_vocab: bool = True) -> torch.Tensor:
-    """The score of each response (B,): the reward model's, read at the response's last real
-    token, its EOS (N+); or the toy world's gold reward; or the golden length reward (target_length
-    tokens). A reward model without the policy's vocabulary (same_vocab False) reads the text, encoded
-    by rm_tokenizer. The script binds the keywords with partial(): a batch -> scores function."""
+               reward_model=None, rm_tokenizer=None, same_vocab: bool = True) -> torch.Tensor:
+    """The score of each response (B,): the reward model's at its last real token, its EOS (N+; without the
+    policy's vocabulary it reads the text, retokenized); the toy world's gold reward; or the golden length reward."""
     if reward == "gold":
         texts = common.decode_responses(tokenizer, responses, response_mask)
         return torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device)
@@ -386,8 +377,8 @@ if __name__ == "__main__":
     # prompts are cut from the left so that prompt + response fit the model's positions
     max_prompt_tokens = min(args.max_prompt_length, common.max_positions(policy) - args.max_new_tokens)
     if args.ptx_coef:  # PPO-max: only the demonstrations that fit the model's positions, a minibatch at least
-        sft_rows = [r for r in sft_rows if len(common.encode_prompt(tokenizer, r["prompt"])) + len(common.encode_completion(
-            tokenizer, r["completion"], prompt=r["prompt"])) <= common.max_positions(policy)]
+        sft_rows = [r for r in sft_rows if len(common.encode_prompt(tokenizer, r["prompt"])) + len(
+            common.encode_completion(tokenizer, r["completion"], prompt=r["prompt"])) <= common.max_positions(policy)]
         if len(sft_rows) < minibatch_size * world_size:
             common.fail(f"--ptx_coef needs {minibatch_size * world_size} demonstrations that fit the model, "
                         f"{args.dataset_name} has {len(sft_rows)}")
@@ -402,8 +393,7 @@ if __name__ == "__main__":
         reward_model = common.TokenScores(common.load_model(args.reward_model_path, rm_tokenizer, "score", hint,
                                                             device, frozen=True))
         same_vocab = rm_tokenizer.get_vocab().items() >= tokenizer.get_vocab().items()  # a saved RM may add a pad
-        # N+: the value model starts from the reward model, which already reads the text's quality
-        # (but it reads the policy's token ids, so only when the two share a vocabulary)
+        # N+: the value model starts from the reward model, which already reads quality (if it reads our token ids)
         value_init = args.reward_model_path if same_vocab else value_init
     value_model = common.TokenScores(common.load_model(value_init, tokenizer, "score", device=device,
                                                        gradient_checkpointing=args.gradient_checkpointing))
@@ -411,11 +401,10 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, eps=1e-5,
                                   weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    # the sizes the flags (and the data) imply, which args.json keeps beside them
-    sizes = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
+    derived = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
              "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
     run = common.Run(args, {"policy": policy, "value_model": value_model, "optimizer": optimizer,
-                            "scheduler": scheduler}, derived=sizes)
+                            "scheduler": scheduler}, derived)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)
     score_moments = RunningMoments()  # PPO-max
     # PPO-max: critic pretraining: iterations -W..-1 train the value model alone (extra rollouts,
@@ -438,10 +427,12 @@ if __name__ == "__main__":
                                            micro_batch_size=micro_batch_size)
         if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
-            metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
+            metrics |= {"length_error": sum(errors) / len(errors),
+                        "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
         if toy:
             metrics |= common.gold_metrics(samples)
-        run.log({f"eval{'_greedy' if greedy else ''}/{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
+        prefix = "eval_greedy" if greedy else "eval"
+        run.log({f"{prefix}/{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
         return metrics, samples
 
     if initial is None:
@@ -455,7 +446,8 @@ if __name__ == "__main__":
             order += rng.sample(range(len(train_rows)), len(train_rows))
         batch, order = order[:args.batch_size][rank::world_size], order[args.batch_size:]
         prompts = [train_rows[i]["prompt"] for i in batch]
-        queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch], tokenizer.pad_token_id, "left"))
+        queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch],
+                                                                 tokenizer.pad_token_id, "left"))
         policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
         value_model.eval()
         with torch.no_grad(), common.autocast(device):
@@ -478,7 +470,8 @@ if __name__ == "__main__":
                                                     temperature=args.temperature),
                                             micro_batch_size, query_response, attention_mask)
             # V(s_t), the value of the state before response token t, is read one position earlier
-            values = common.in_chunks(value_model, micro_batch_size, query_response, attention_mask)[:, context_len - 1:-1]
+            values = common.in_chunks(value_model, micro_batch_size, query_response,
+                                      attention_mask)[:, context_len - 1:-1]
         raw_scores = scores.float()
         # PPO-max: normalize with the mean/std of all scores so far (this batch of every process
         # included), clip to +-delta; the penalties below then count in these normalized units
@@ -518,11 +511,11 @@ if __name__ == "__main__":
                     ptx_rows = rng.sample(sft_rows, minibatch_size * world_size)[rank::world_size]
                     ptx_ids, ptx_mask, ptx_targets = ptx_batch(ptx_rows, tokenizer, device)
                 for i, micro in enumerate(micro_batches):
+                    ids, mask = query_response[micro], attention_mask[micro]
                     with common.grad_sync(policy, value_model, sync=i == len(micro_batches) - 1):
                         with common.autocast(device):
-                            new_logprobs = common.response_logprobs(policy, query_response[micro],
-                                                                    attention_mask[micro], context_len, args.temperature)
-                            new_values = value_model(query_response[micro], attention_mask[micro])[:, context_len - 1:-1]
+                            new_logprobs = common.response_logprobs(policy, ids, mask, context_len, args.temperature)
+                            new_values = value_model(ids, mask)[:, context_len - 1:-1]
                         pg_loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[micro], mb_advantages[micro],
                                                             response_mask[micro], args.cliprange, mb_tokens)
                         vf_loss, vf_clipfrac = ppo_value_loss(new_values, values[micro], returns[micro],
@@ -537,7 +530,8 @@ if __name__ == "__main__":
                         run.check_finite(iteration, loss=loss)
                         loss.backward()  # gradients add up over the micro-batches
                     for k, v in (("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
-                                 ("policy/clipfrac_avg", pg_stats["clipfrac"]), ("policy/approxkl_avg", pg_stats["approxkl"]),
+                                 ("policy/clipfrac_avg", pg_stats["clipfrac"]),
+                                 ("policy/approxkl_avg", pg_stats["approxkl"]),
                                  ("val/ratio", pg_stats["ratio"]), ("val/clipfrac_avg", vf_clipfrac)):
                         mb_stats[k] = mb_stats.get(k, 0.0) + v.item()  # the micro-batches' shares add up too
                 grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
@@ -552,17 +546,14 @@ if __name__ == "__main__":
         # ---- 5. logging (averaged over processes), evaluation, checkpoint ----
         metrics = {
             "episode": iteration * args.batch_size,
-            "objective/kl": kl_sum.mean().item(),
-            "objective/entropy": (-logprobs).sum(-1).mean().item(),
+            "objective/kl": kl_sum.mean().item(), "objective/entropy": (-logprobs).sum(-1).mean().item(),
             "objective/scores": raw_scores.mean().item(),
             "objective/rlhf_reward": (scores - kl_coef * kl_sum).mean().item(),
             **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0]},
             "val/mean": masked_mean(values, response_mask).item(),
             "val/explained_variance": explained_variance(values, returns, response_mask).item(),
-            "kl_coef": kl_coef,
-            "lr": scheduler.get_last_lr()[0],
-            "response/length": lengths.mean().item(),
-            "response/eos_rate": eos_rate,
+            "kl_coef": kl_coef, "lr": scheduler.get_last_lr()[0],
+            "response/length": lengths.mean().item(), "response/eos_rate": eos_rate,
             "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/training": t3 - t2, **memory,
             "tokens_per_second": response_mask.sum().item() / (t1 - t0),
             "eps": local_batch_size / (t3 - t0),  # episodes per second (TRL's name), per process
