@@ -1,6 +1,6 @@
 """Unit tests of common.py (and sft.py's pure pieces, and the RL scripts' get_scores built on it): each checked
-against a deliberately naive, loop-based implementation or hand-computed values, and each SPEC.md correctness fact
-shown to hold."""
+against a deliberately naive, loop-based implementation or hand-computed values, and each correctness fact the
+scripts rely on (padding, dropout, special tokens) shown to hold."""
 
 import copy
 import json
@@ -109,7 +109,7 @@ def test_pad_left_and_right() -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_left_padded_logprobs_equal_each_row_alone(arch: str, tok) -> None:
-    """SPEC fact: log-probs of a left-padded batch (with mask-derived position ids) are those of each
+    """Log-probs of a left-padded batch (with mask-derived position ids) are those of each
     row run alone; responses are right-padded after EOS, and only masked tokens are compared."""
     model = tiny_lm(arch, tok)
     temperature = 0.7
@@ -252,10 +252,11 @@ def test_toy_models_of_one_seed_are_equal_and_score_models_start_at_zero(tok) ->
 
 
 def test_load_model_turns_off_dropout_modules_and_llama_attention_dropout(tok, tmp_path: Path) -> None:
-    """SPEC fact: dropout off in every model (it would make PPO's ratios and a pair's scores noisy),
+    """Dropout off in every model (it would make PPO's ratios and a pair's scores noisy),
     including the plain float that Llama-style attention keeps instead of an nn.Dropout."""
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config("llama", tok, attention_dropout=0.5)).save_pretrained(tmp_path / "llama")
+    AutoModelForCausalLM.from_config(tiny_config("llama", tok,
+                                                 attention_dropout=0.5)).save_pretrained(tmp_path / "llama")
     gpt2 = tiny_config("gpt2", tok)
     gpt2.resid_pdrop = gpt2.embd_pdrop = gpt2.attn_pdrop = 0.3
     AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
@@ -450,7 +451,8 @@ FORMATS = {  # name: (stage, row, expected standardized fields)
     "HH-RLHF raw": ("preference", {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
                     {"prompt": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant:",
                      "chosen": " 6, I think.", "rejected": " Go away."}),
-    "RRHF": ("preference", {"query": "it was", "responses": ["okay .", "great .", "awful ."], "scores": [0.1, 2.0, -1.0]},
+    "RRHF": ("preference", {"query": "it was", "responses": ["okay .", "great .", "awful ."],
+                            "scores": [0.1, 2.0, -1.0]},
              {"prompt": "it was", "completion": "great .", "chosen": "great .", "rejected": "awful ."}),
 }
 
@@ -506,18 +508,21 @@ def test_parquet_file_and_save_to_disk_folders(tok, tmp_path: Path) -> None:
     train, test = common.load_data(str(tmp_path / "data.parquet"), "sft", tok, test_rows=1)
     assert [r["prompt"] for r in train + test] == [r["prompt"] for r in rows] and len(test) == 1
 
-    DatasetDict(train=Dataset.from_list(rows[:3]), test=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "dict"))
+    DatasetDict(train=Dataset.from_list(rows[:3]),
+                test=Dataset.from_list(rows[3:])).save_to_disk(str(tmp_path / "dict"))
     train, test = common.load_data(str(tmp_path / "dict"), "sft", tok, test_rows=8)
     assert [r["prompt"] for r in train] == [r["prompt"] for r in rows[:3]] and test[0]["prompt"] == "it was okay"
 
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))  # one Dataset: it is the train split
     train, test = common.load_data(str(tmp_path / "single"), "sft", tok, test_rows=2, max_train_rows=1)
-    assert [r["prompt"] for r in train] == ["it was good"] and [r["prompt"] for r in test] == ["it was fine", "it was okay"]
+    assert ([r["prompt"] for r in train] == ["it was good"]
+            and [r["prompt"] for r in test] == ["it was fine", "it was okay"])
 
 
 def test_small_dataset_holds_out_at_most_half(tok, tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps({"prompt": "it was", "completion": f"{w} ."}) + "\n" for w in ("good", "bad", "fine")))
+    path.write_text("".join(json.dumps({"prompt": "it was", "completion": f"{w} ."}) + "\n"
+                            for w in ("good", "bad", "fine")))
     train, test = common.load_data(str(path), "sft", tok, test_rows=256)
     assert [r["completion"] for r in train] == ["good .", "bad ."] and [r["completion"] for r in test] == ["fine ."]
     path.write_text(json.dumps({"prompt": "it was", "completion": "good ."}) + "\n")
@@ -583,8 +588,8 @@ def test_an_empty_split_exits_2_with_one_line(tok, tmp_path: Path, capsys, monke
     with pytest.raises(SystemExit) as exit_info:  # an empty split from the hub
         common.load_data("org/data", "sft", tok)
     assert "empty 'test' split" in one_line_error(exit_info, capsys)
-    monkeypatch.setattr(common, "_load_splits", lambda name, config: DatasetDict(train=empty, test=rows))  # no train rows
-    with pytest.raises(SystemExit) as exit_info:
+    monkeypatch.setattr(common, "_load_splits", lambda name, config: DatasetDict(train=empty, test=rows))
+    with pytest.raises(SystemExit) as exit_info:  # no train rows
         common.load_data("org/data", "sft", tok)
     one_line_error(exit_info, capsys)
 
@@ -819,7 +824,8 @@ def test_check_args_exits_2_naming_the_flag(flags: dict, says: str, capsys) -> N
 
 
 def test_check_args_lets_good_values_and_none_through(capsys) -> None:
-    for flags in ({}, {"kl_coef": 0.0, "max_train_rows": None}, {"max_train_rows": 5, "resume": True}, {"overwrite": True}):
+    for flags in ({}, {"kl_coef": 0.0, "max_train_rows": None}, {"max_train_rows": 5, "resume": True},
+                  {"overwrite": True}):
         common.check_args(FlagArgs(**flags), **CHECKS)
     assert capsys.readouterr().err == ""
 
@@ -939,7 +945,8 @@ def test_run_save_and_resume_bring_back_states_rngs_loop_values_and_metrics(tmp_
     assert run.resumed["rng"].getstate() == saved_loop_rng
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_at_save  # step 3's line is gone
     run.log({"loss": train_step(**state)}, 3)
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"]
+            for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
 def assert_equal_states(a, b) -> None:
