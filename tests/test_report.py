@@ -51,8 +51,8 @@ def test_default_table_keys_are_all_in_an_rl_summary(tmp_path):
 
 def test_annotator_table_reads_the_sweep_and_checks_the_targets(tmp_path):
     """One row per annotator setting, mean ± half-range over seeds, and each of the annotator study's targets named when
-    missed.
-    The labels' agreement with gold is recomputed from the toy data of that setting (pairs of different gold)."""
+    missed. The labels' agreement with gold is recomputed from the toy data of that setting (pairs of different
+    gold)."""
     for seed, gain, corr in ((1, 1.2, 0.40), (2, 0.9, 0.44)):
         write_run(tmp_path / f"rm_k3_c0.1_n4000_s{seed}", {"accuracy": 0.74, "label_ceiling": 0.79,
                   "gold_accuracy": 0.77, "length_corr": corr}, [])
