@@ -261,7 +261,8 @@ def evaluate(policy, ref_policy, tokenizer, prompts: list[str], queries: list[li
     """Collective: mean score_fn(prompts, queries, query_mask, responses, response_mask) -> (B,) on held-out prompts,
     KL to the reference (sum of log pi - log pi_ref on the policy's samples), length and EOS rate; one sample per
     prompt. Each rank samples every world_size-th batch of `batch_size` prompts; reference and score passes run in
-    chunks of micro_batch_size rows. Sampling has its own seed and leaves the training RNG as it was."""
+    chunks of micro_batch_size rows. Sampling has its own seed and leaves the training RNG as it was; the policy is
+    left in eval() mode."""
     device = next(policy.parameters()).device
     unwrap(policy).eval()
     samples, starts = [], list(range(rank() * batch_size, len(prompts), world_size() * batch_size))
