@@ -214,7 +214,8 @@ if __name__ == "__main__":
     # ---- data with demonstrations; models: policy, frozen reference, reward model ----
     hint = "run `python sft.py` first or pass --sft_model_path"
     tokenizer = common.load_tokenizer(args.sft_model_path, hint)
-    # each prompt comes with its demonstration y_demo (toy: an expert's, the best by gold of common.EXPERT_DRAFTS grammar samples)
+    # each prompt comes with its demonstration y_demo
+    # (toy: an expert's, the best by gold of common.EXPERT_DRAFTS grammar samples)
     train_rows, test_rows = common.load_data(args.dataset_name, "prompts", tokenizer, args.dataset_config,
                                              args.dataset_train_split, args.dataset_test_split, args.eval_rows)
     if any(row["completion"] is None for row in train_rows + test_rows):
@@ -244,7 +245,8 @@ if __name__ == "__main__":
     # the loop's state, fresh or resumed; demo_cache: row index -> its demonstration's rewards (K,)
     rng, order, demo_cache, initial, start = random.Random(args.seed), [], {}, None, 1
     if run.resumed:
-        rng, order, demo_cache, initial, start = (run.resumed[k] for k in ("rng", "order", "demo_cache", "initial", "step"))
+        rng, order, demo_cache, initial, start = (run.resumed[k]
+                                                  for k in ("rng", "order", "demo_cache", "initial", "step"))
         start += 1
 
     @torch.no_grad()
@@ -265,7 +267,8 @@ if __name__ == "__main__":
                     components.append(common.last_token_scores(reward_model, rm_ids.to(device), rm_mask.to(device)))
                 elif kind == "gold":
                     texts = common.decode_responses(tokenizer, responses, response_mask)
-                    components.append(torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)], device=device))
+                    components.append(torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)],
+                                                   device=device))
                 elif kind == "length":
                     n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
                     components.append(common.length_reward(n_tokens, args.target_length))
@@ -310,16 +313,20 @@ if __name__ == "__main__":
             metrics[f"alignment_kl{suffix}"] = alignment_kl(test_demo_scores[:, k], scores[:, k], args.alignment_bins)
         if "length" in args.rewards:  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
-            metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
+            metrics |= {"length_error": sum(errors) / len(errors),
+                        "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
         if toy:
             metrics |= common.gold_metrics(samples)
-            metrics["demo_gold"] = sum(common.gold_reward(r["prompt"], r["completion"]) for r in test_rows) / len(test_rows)
-        run.log({f"eval{'_greedy' if greedy else ''}/{k}": v for k, v in metrics.items()} | {"episode": step * args.batch_size}, step)
+            metrics["demo_gold"] = sum(common.gold_reward(r["prompt"], r["completion"])
+                                       for r in test_rows) / len(test_rows)
+        run.log({f"eval{'_greedy' if greedy else ''}/{k}": v for k, v in metrics.items()}
+                | {"episode": step * args.batch_size}, step)
         return metrics, samples
 
     if initial is None:
         initial = evaluate(0)
-    for iteration in common.progress(range(start, num_iterations + 1), desc="rcfd", initial=start - 1, total=num_iterations):
+    for iteration in common.progress(range(start, num_iterations + 1), desc="rcfd", initial=start - 1,
+                                     total=num_iterations):
         # ---- 1. rollout: sample a response to each prompt of this process's share of the batch ----
         t0 = time.time()
         common.phase_peak(device, "idle")  # on CUDA, each phase's peak GPU memory is logged from here
@@ -328,7 +335,8 @@ if __name__ == "__main__":
         global_batch, order = order[:args.batch_size], order[args.batch_size:]
         batch = global_batch[rank::world_size]
         prompts = [train_rows[i]["prompt"] for i in batch]
-        queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch], tokenizer.pad_token_id, "left"))
+        queries, query_mask = (t.to(device) for t in common.pad([train_queries[i] for i in batch],
+                                                                tokenizer.pad_token_id, "left"))
         policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
         with torch.no_grad(), common.autocast(device):
             # The generation's own logits give the old log-probs, read step by step: no extra policy forward pass.
@@ -375,7 +383,8 @@ if __name__ == "__main__":
                     with common.grad_sync(policy, sync=i == len(micro_batches) - 1):
                         with common.autocast(device):
                             new_logprobs = common.response_logprobs(policy, query_response[micro],
-                                                                    attention_mask[micro], context_len, args.temperature)
+                                                                    attention_mask[micro], context_len,
+                                                                    args.temperature)
                         loss, pg_stats = ppo_policy_loss(new_logprobs, logprobs[micro], advantages[micro],
                                                          response_mask[micro], args.cliprange, mb_tokens)
                         run.check_finite(iteration, loss=loss)

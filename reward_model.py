@@ -168,7 +168,8 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
         print(f"note: {len(rows) - len(examples)} of {len(rows)} preference pairs are longer than {max_length} "
               "tokens: left out")
     if not examples:
-        common.fail(f"no preference pair fits in {max_length} tokens: raise --max_length (at most the model's positions)")
+        common.fail(f"no preference pair fits in {max_length} tokens: raise --max_length "
+                    "(at most the model's positions)")
     return examples
 
 
@@ -280,8 +281,8 @@ if __name__ == "__main__":
     if args.random_augment > 0:
         train_rows = random_augment(train_rows, args.random_augment, rng)
     train, test = tokenize(train_rows, tokenizer, max_length), tokenize(test_rows, tokenizer, max_length)
-    demos = [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"], prompt=r["prompt"])
-             for r in demo_rows]
+    demos = [common.encode_prompt(tokenizer, r["prompt"])
+             + common.encode_completion(tokenizer, r["completion"], prompt=r["prompt"]) for r in demo_rows]
     demos = [d for d in demos if len(d) <= max_length]  # the pairs' context rule
     if not demos:
         common.fail(f"no demonstration fits in {max_length} tokens: raise --max_length (at most the model's positions)")
@@ -342,7 +343,8 @@ if __name__ == "__main__":
             eval_chosen, eval_rejected = score_pairs(model, test, pad_id, 2 * eval_pairs, device)
             run.log({"episode": step * args.batch_size, "epoch": step * args.batch_size / len(train),
                      "loss/train": train_loss, "accuracy/train": pairwise_accuracy(margins),
-                     "margin/train": margins.mean().item(), "accuracy/eval": pairwise_accuracy(eval_chosen - eval_rejected),
+                     "margin/train": margins.mean().item(),
+                     "accuracy/eval": pairwise_accuracy(eval_chosen - eval_rejected),
                      "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}, step)
         if step % args.save_every == 0 and step < num_steps:
             run.save(step, rng=rng, order=order)

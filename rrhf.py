@@ -137,7 +137,8 @@ def ranked_pairs(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return both & (rewards[:, :, None] < rewards[:, None, :])
 
 
-def rank_loss(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor, count: int | None = None) -> torch.Tensor:
+def rank_loss(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor,
+              count: int | None = None) -> torch.Tensor:
     """RRHF's ranking loss (paper Eq. 2), L_rank = sum over pairs with r_i < r_j of max(0, p_i - p_j),
     summed over the pairs of a query and averaged over the queries of every process (the released
     code takes one query per device and averages over devices: the same loss).
@@ -207,7 +208,8 @@ def sample(model, tokenizer, query_ids: list[list[int]], k: int, max_new_tokens:
 @torch.no_grad()
 def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor,
                response_mask: torch.Tensor, *, reward: str, tokenizer, device: torch.device, target_length: int,
-               reward_model: common.TokenScores | None = None, rm_tokenizer=None, same_vocab: bool = True) -> torch.Tensor:
+               reward_model: common.TokenScores | None = None, rm_tokenizer=None,
+               same_vocab: bool = True) -> torch.Tensor:
     """The score of each response (B,): the reward model's, read at the response's last real
     token, its EOS; or the toy world's gold reward; or the golden length reward (target_length
     tokens). A reward model without the policy's vocabulary (same_vocab False) reads the text, encoded
@@ -321,7 +323,8 @@ if __name__ == "__main__":
                                            batch_size=args.eval_batch_size, micro_batch_size=args.micro_batch_size)
         if args.reward == "length":  # mean |n - N| / N, and the share within 10% of N
             errors = [abs(s["length"] - args.target_length) / args.target_length for s in samples]
-            metrics |= {"length_error": sum(errors) / len(errors), "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
+            metrics |= {"length_error": sum(errors) / len(errors),
+                        "within_10pct": sum(e <= 0.1 for e in errors) / len(errors)}
         if toy:
             metrics |= common.gold_metrics(samples)
         run.log({f"eval/{k}": v for k, v in metrics.items()} | {"episode": step * args.queries_per_step}, step)
@@ -345,8 +348,9 @@ if __name__ == "__main__":
             coming = [query for share in pending for query in share]
             policy.eval()  # generation keeps its KV cache (gradient checkpointing acts in train mode only)
             for source in sampled:
-                new = sample(policy if source == "online" else ref_policy, tokenizer, [train_queries[i] for i, _ in coming],
-                             args.num_samples, args.max_new_tokens, args.temperature, device)
+                new = sample(policy if source == "online" else ref_policy, tokenizer,
+                             [train_queries[i] for i, _ in coming], args.num_samples, args.max_new_tokens,
+                             args.temperature, device)
                 for (_, candidates), responses in zip(coming, new):
                     candidates += [Candidate(response, source, None) for response in responses]
         batch = pending.pop(0)  # this step's queries: [(row index, [Candidate, ...])]
@@ -384,16 +388,18 @@ if __name__ == "__main__":
             with common.grad_sync(policy, sync=first + micro_batch_size >= len(batch)):
                 with common.autocast(device):
                     logprobs = common.response_logprobs(policy, ids[n], mask[n], queries.shape[1])  # (n, R)
-                zeros = torch.zeros(valid[q].shape, device=device)
-                mb_scores = zeros.masked_scatter(valid[q], sequence_scores(logprobs, response_mask[n], args.length_power))
-                sum_logprobs = zeros.masked_scatter(valid[q], sequence_scores(logprobs, response_mask[n], 0.0))  # (q, K)
+                zeros = torch.zeros(valid[q].shape, device=device)  # (q, K)
+                mb_scores = zeros.masked_scatter(valid[q],
+                                                 sequence_scores(logprobs, response_mask[n], args.length_power))
+                sum_logprobs = zeros.masked_scatter(valid[q], sequence_scores(logprobs, response_mask[n], 0.0))
                 mb_rewards = rewards[q]
                 # With --kl_coef, rank by r - beta * log(pi(y) / pi_ref(y)), PPO's sequence-level KL penalty
                 # (a KL estimate on the policy's own samples; on others it still favors what pi_ref likes).
                 if args.kl_coef:
                     with torch.no_grad(), common.autocast(device):
                         ref_logprobs = common.response_logprobs(ref_policy, ids[n], mask[n], queries.shape[1])
-                    kl[q] = zeros.masked_scatter(valid[q], ((logprobs.detach() - ref_logprobs) * response_mask[n]).sum(-1))
+                    kl[q] = zeros.masked_scatter(valid[q],
+                                                 ((logprobs.detach() - ref_logprobs) * response_mask[n]).sum(-1))
                     mb_rewards = rewards[q] - args.kl_coef * kl[q]
                 mb_rank = rank_loss(mb_scores, mb_rewards, valid[q], len(batch))
                 mb_ft = finetune_loss(sum_logprobs, mb_rewards, valid[q], len(batch))
@@ -401,7 +407,8 @@ if __name__ == "__main__":
                 run.check_finite(step, loss=loss)
                 loss.backward()
             scores[q] = mb_scores.detach()
-            loss_rank, loss_ft, loss_total = loss_rank + mb_rank.item(), loss_ft + mb_ft.item(), loss_total + loss.item()
+            loss_rank, loss_ft, loss_total = (loss_rank + mb_rank.item(), loss_ft + mb_ft.item(),
+                                              loss_total + loss.item())
         ranking_rewards = rewards - args.kl_coef * kl if args.kl_coef else rewards
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         run.check_finite(step, grad_norm=grad_norm)

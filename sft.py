@@ -87,7 +87,8 @@ def tokenize(rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[in
         if len(prompt) + len(completion) <= max_length:
             examples.append((prompt + completion, [-100] * len(prompt) + completion))
     if len(examples) < len(rows) and common.rank() == 0:
-        print(f"note: {len(rows) - len(examples)} of {len(rows)} examples are longer than {max_length} tokens: left out")
+        print(f"note: {len(rows) - len(examples)} of {len(rows)} examples are longer than {max_length} "
+              "tokens: left out")
     if not examples:
         common.fail(f"no example fits in {max_length} tokens: raise --max_length (at most the model's positions)")
     return examples
@@ -186,7 +187,8 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         if step % args.eval_every == 0 or step == num_steps:
-            run.log({"episode": step * args.batch_size, "epoch": (step - 1) // steps_per_epoch, "loss/train": train_loss,
+            run.log({"episode": step * args.batch_size, "epoch": (step - 1) // steps_per_epoch,
+                     "loss/train": train_loss,
                      "loss/eval": eval_loss(model, test_shard, tokenizer.pad_token_id, eval_batch_size, device),
                      "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0]}, step)
         if step % args.save_every == 0 and step < num_steps:

@@ -40,7 +40,8 @@ def run_script(script: str, *args: str, check: bool = True, env: dict | None = N
         result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True,
                                 check=False, text=True, timeout=900, env=env)
     if check and result.returncode != 0:
-        pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        pytest.fail(f"{script} {' '.join(args)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                    f"{result.stderr[-3000:]}")
     return result
 
 
@@ -64,7 +65,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     summaries = [{k: v for k, v in json.loads((d / "summary.json").read_text()).items()
                   if k != "wall_time" and not k.startswith("peak_memory")} for d in (a, b)]
     assert summaries[0] == summaries[1]
-    lines = [[{k: v for k, v in json.loads(line).items() if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
+    lines = [[{k: v for k, v in json.loads(line).items()
+               if not k.startswith("time") and k not in ("eps", "tokens_per_second")}
               for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
     assert lines[0] == lines[1]
     weights = [load_file(d / "model.safetensors") for d in (a, b)]

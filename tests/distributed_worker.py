@@ -53,7 +53,8 @@ def results() -> dict:
     out = {}
     # sft.py: the completion loss, a token mean over the global batch
     ids, mask, labels = sft.collate(sft.tokenize(shard(ROWS), TOKENIZER, 64), TOKENIZER.pad_token_id)
-    out["sft"] = sgd_step([tiny(AutoModelForCausalLM)], lambda m: sft.completion_loss(common.forward(m, ids, mask).logits, labels))
+    out["sft"] = sgd_step([tiny(AutoModelForCausalLM)],
+                          lambda m: sft.completion_loss(common.forward(m, ids, mask).logits, labels))
 
     # reward_model.py: the Bradley-Terry loss (with a centering term), a mean over the global batch of pairs
     pairs = shard(common.toy_dataset("preference")["train"].select(range(8)).to_list())
@@ -69,7 +70,8 @@ def results() -> dict:
 
     # ppo.py: policy and value losses on a fixed rollout (prompt, response, old log-probs, advantages, returns)
     g = torch.Generator().manual_seed(1)
-    queries, query_mask = common.pad([common.encode_prompt(TOKENIZER, r["prompt"]) for r in ROWS], TOKENIZER.pad_token_id, "left")
+    queries, query_mask = common.pad([common.encode_prompt(TOKENIZER, r["prompt"]) for r in ROWS],
+                                     TOKENIZER.pad_token_id, "left")
     responses, response_mask = common.pad([common.encode_completion(TOKENIZER, r["completion"])[:10] for r in ROWS],
                                           TOKENIZER.pad_token_id)
     old_logprobs, advantages, returns, old_values = (torch.randn(responses.shape, generator=g) for _ in range(4))
@@ -84,7 +86,8 @@ def results() -> dict:
         vf_loss, _ = ppo.ppo_value_loss(value_model(ids, mask)[:, q - 1:-1], old_values, returns, response_mask, 0.2)
         return pg_loss + 0.1 * vf_loss
 
-    out["ppo"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))], ppo_loss)
+    out["ppo"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))],
+                          ppo_loss)
 
     def ppo_loss_in_micro_batches(policy, value_model):
         """The same loss in micro-batches of 3 rows (3 + 1 on each of 2 ranks, 3 + 3 + 2 in one process), each a
@@ -103,11 +106,12 @@ def results() -> dict:
                     loss.backward()
         return loss
 
-    out["ppo_micro"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))],
+    out["ppo_micro"] = sgd_step([tiny(AutoModelForCausalLM),
+                                 common.TokenScores(tiny(AutoModelForSequenceClassification))],
                                 ppo_loss_in_micro_batches)
     # FSDP2: the same step with both models sharded (each decoder layer, then the root) takes DDP's step
-    out["ppo_fsdp"] = sgd_step([tiny(AutoModelForCausalLM), common.TokenScores(tiny(AutoModelForSequenceClassification))],
-                               ppo_loss, fsdp=True)
+    out["ppo_fsdp"] = sgd_step([tiny(AutoModelForCausalLM),
+                                common.TokenScores(tiny(AutoModelForSequenceClassification))], ppo_loss, fsdp=True)
     # global statistics: whitening, the masked mean, gathering
     out["whiten"] = common.gather(ppo.masked_whiten(advantages, response_mask))
     out["whiten_rewards"] = common.gather(ppo.masked_whiten(returns, response_mask, shift_mean=False))

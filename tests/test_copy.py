@@ -60,7 +60,7 @@ def test_scripts_run_without_the_toy_world(tmp_path):
     assert "def toy_dataset" not in (copy / "common.py").read_text()
     run("sft.py", "--model_name_or_path", str(tmp_path / "llama"), "--dataset_name", str(tmp_path / "sft.jsonl"),
         "--num_epochs", "1", "--batch_size", "8", "--eval_rows", "8", "--max_new_tokens", "4")
-    summary = run("ppo.py", "--sft_model_path", str(tmp_path / "llama"), "--reward_model_path", str(tmp_path / "reward"),
-                  "--dataset_name", str(tmp_path / "prompts.jsonl"), "--total_episodes", "8", "--batch_size", "8",
-                  "--eval_rows", "4", "--max_new_tokens", "6")
+    summary = run("ppo.py", "--sft_model_path", str(tmp_path / "llama"),
+                  "--reward_model_path", str(tmp_path / "reward"), "--dataset_name", str(tmp_path / "prompts.jsonl"),
+                  "--total_episodes", "8", "--batch_size", "8", "--eval_rows", "4", "--max_new_tokens", "6")
     assert {"reward", "kl", "length", "eos_rate"} <= summary.keys() and "gold" not in summary

@@ -109,7 +109,8 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_kv_cache(script, sft_mo
     assert runs["checkpointed"]["cached"] == runs["plain"]["cached"] > 0
     # and the results are those of the plain run (the same ops, recomputed)
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "checkpointed")):
-        assert {k: v for k, v in a.items() if k != "time" and "time" not in k and k not in ("eps", "tokens_per_second")} == \
+        assert {k: v for k, v in a.items()
+                if k != "time" and "time" not in k and k not in ("eps", "tokens_per_second")} == \
             {k: v for k, v in b.items() if k != "time" and "time" not in k and k not in ("eps", "tokens_per_second")}
 
 

@@ -84,7 +84,8 @@ def test_ptx_loss_is_mean_cross_entropy_of_completion_tokens():
     torch.manual_seed(0)
     tokenizer = common.toy_tokenizer()
     model = common.toy_model(tokenizer).eval()
-    rows = [{"prompt": "the plot was", "completion": "very good ."}, {"prompt": "i", "completion": "loved it . it was fun ."}]
+    rows = [{"prompt": "the plot was", "completion": "very good ."},
+            {"prompt": "i", "completion": "loved it . it was fun ."}]
     ids, mask, targets = ppo_max.ptx_batch(rows, tokenizer, torch.device("cpu"))
     loss = ppo_max.ptx_loss(model, ids, mask, targets)
     # in micro-batches of one row, each a share of the whole batch's token mean, the losses add up to it
@@ -119,7 +120,8 @@ def test_ppo_max_bad_flags_are_one_line_errors(flags, says, tmp_path, capsys):
 
 
 def test_ppo_max_missing_sft_model_fails_with_one_line(tmp_path, capsys):
-    assert run_main("ppo_max.py", "--sft_model_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "run")) == 2
+    assert run_main("ppo_max.py", "--sft_model_path", str(tmp_path / "nope"),
+                    "--output_dir", str(tmp_path / "run")) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "sft.py" in lines[0]
 

@@ -79,7 +79,8 @@ def test_random_augment_pairs_chosen_with_another_prompts_chosen():
 def toy_demos(n: int) -> tuple[object, list[list[int]]]:
     """The toy tokenizer and the token ids (prompt + completion + EOS) of n toy SFT demonstrations."""
     tokenizer = common.toy_tokenizer()
-    return tokenizer, [common.encode_prompt(tokenizer, r["prompt"]) + common.encode_completion(tokenizer, r["completion"])
+    return tokenizer, [common.encode_prompt(tokenizer, r["prompt"])
+                       + common.encode_completion(tokenizer, r["completion"])
                        for r in common.toy_dataset("sft")["train"].select(range(n))]
 
 
@@ -88,7 +89,8 @@ def test_shift_scores_survives_reload(tmp_path: Path) -> None:
     common.toy_model(tokenizer).save_pretrained(tmp_path / "lm")
     model = common.load_model(str(tmp_path / "lm"), tokenizer, "score")
     torch.nn.init.normal_(model.score.weight)  # a trained head, not the zero one
-    before = reward_model.score_sequences(common.TokenScores(model), demos, tokenizer.pad_token_id, 16, torch.device("cpu"))
+    before = reward_model.score_sequences(common.TokenScores(model), demos, tokenizer.pad_token_id, 16,
+                                          torch.device("cpu"))
     assert abs(before.mean()) > 0.1
 
     assert reward_model.shift_scores(model, before.mean().item())
@@ -123,7 +125,8 @@ def test_tokenize_leaves_out_pairs_that_do_not_fit_and_fails_when_none_does(caps
     assert exit_info.value.code == 2 and "no preference pair fits in 6 tokens" in capsys.readouterr().err
 
 
-NUMERIC = [f.name for f in dataclasses.fields(reward_model.Args) if f.type in (int, float, int | None) and f.name != "seed"]
+NUMERIC = [f.name for f in dataclasses.fields(reward_model.Args) if f.type in (int, float, int | None)
+           and f.name != "seed"]
 
 
 @pytest.mark.parametrize("flag", NUMERIC)
@@ -172,7 +175,8 @@ def test_reward_model_end_to_end(sft_model: Path, tmp_path: Path) -> None:
     # the saved model scores the demonstrations used for the shift at 0 on average
     tokenizer = common.load_tokenizer(str(out))
     _, demos = toy_demos(32)
-    scores = reward_model.score_sequences(common.TokenScores(model), demos, tokenizer.pad_token_id, 32, torch.device("cpu"))
+    scores = reward_model.score_sequences(common.TokenScores(model), demos, tokenizer.pad_token_id, 32,
+                                          torch.device("cpu"))
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
 
 
@@ -244,12 +248,13 @@ def word_tokenizer(style: str) -> PreTrainedTokenizerFast:
     if style == "toy":
         return common.toy_tokenizer()
     specials = {"gpt2": ["<|endoftext|>"], "llama": ["<unk>", "<s>", "</s>"]}[style]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + common.TOY_WORDS)}, unk_token=specials[0]))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + common.TOY_WORDS)},
+                                         unk_token=specials[0]))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if style == "llama":
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=specials[0], bos_token=specials[-2 if style == "llama" else 0],
-                                   eos_token=specials[-1])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=specials[0],
+                                   bos_token=specials[-2 if style == "llama" else 0], eos_token=specials[-1])
 
 
 def tiny_lm(arch: str, tokenizer) -> AutoModelForCausalLM:

@@ -82,7 +82,8 @@ def test_given_candidates_of_ready_made_rows_and_demonstrations():
     assert rrhf.given_candidates(ready, tokenizer, 48, demo=False) == [
         (ids["i loved it ."] + [eos], "data", 2.0), (ids["it was bad ."] + [eos], "data", -1.5)]
     # a preference row brings its chosen (the completion) and rejected response, unscored; cut to 3 tokens
-    preference = {"prompt": "the plot", "completion": "i loved it .", "chosen": "i loved it .", "rejected": "it was bad ."}
+    preference = {"prompt": "the plot", "completion": "i loved it .", "chosen": "i loved it .",
+                  "rejected": "it was bad ."}
     assert rrhf.given_candidates(preference, tokenizer, 3, demo=True) == [
         (ids["i loved it ."][:3], "demo", None), (ids["it was bad ."][:3], "demo", None)]
     assert rrhf.given_candidates(preference, tokenizer, 48, demo=False) == []
@@ -202,7 +203,8 @@ def test_ready_made_rows_take_the_same_path_as_demonstrations(sft_model, tmp_pat
              "--total_queries", "8", "--queries_per_step", "4", "--max_new_tokens", "48", "--eval_rows", "4"]
     run_script("rrhf.py", *flags, "--sources", "demo", "--output_dir", str(tmp_path / "demo"))
     run_script("rrhf.py", *flags, "--rrhf_data", str(ready), "--output_dir", str(tmp_path / "ready"))
-    assert (tmp_path / "demo" / "model.safetensors").read_bytes() == (tmp_path / "ready" / "model.safetensors").read_bytes()
+    assert ((tmp_path / "demo" / "model.safetensors").read_bytes()
+            == (tmp_path / "ready" / "model.safetensors").read_bytes())
     assert summary_of(tmp_path / "demo") == summary_of(tmp_path / "ready")
     demo, data = metrics_of(tmp_path / "demo"), metrics_of(tmp_path / "ready")
     assert [m.get("objective/scores_demo") for m in demo] == [m.get("objective/scores_data") for m in data]
@@ -234,7 +236,8 @@ def test_ready_made_rows_with_length_reward_and_two_processes_train_like_one(sft
                             cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert summary_of(tmp_path / "two")["world_size"] == 2
-    one, two, initial = (load_file(path / "model.safetensors") for path in (tmp_path / "one", tmp_path / "two", sft_model))
+    one, two, initial = (load_file(path / "model.safetensors")
+                         for path in (tmp_path / "one", tmp_path / "two", sft_model))
     assert max((one[k] - initial[k]).abs().max() for k in one) > 1e-4  # it trained
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=1e-4)

@@ -32,7 +32,8 @@ def test_bad_flags_stop_before_anything_is_written(script, flags, says, tmp_path
 
 @pytest.mark.parametrize("script, flags", [("ppo.py", ["--temperature", "0"]), ("rrhf.py", ["--temperature", "0"]),
                                            ("rcfd.py", ["--temperature", "0"]), ("sft.py", ["--batch_size", "0"]),
-                                           ("reward_model.py", ["--num_epochs", "0"]), ("ppo.py", ["--kl_coef", "-0.1"])])
+                                           ("reward_model.py", ["--num_epochs", "0"]),
+                                           ("ppo.py", ["--kl_coef", "-0.1"])])
 def test_more_flags_out_of_range(script, flags, tmp_path, capsys):
     assert run_main(script, *flags, "--output_dir", str(tmp_path / "run")) == 2
     assert f"error: {flags[0]} must be" in capsys.readouterr().err
@@ -43,7 +44,8 @@ def test_an_output_dir_that_holds_a_run_is_refused(sft_model, tmp_path, capsys):
     for script in SCRIPTS:
         assert run_main(script, "--output_dir", str(sft_model)) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"error: {sft_model} already holds a run: pass --resume to continue it or --overwrite to replace it"
+        assert err == (f"error: {sft_model} already holds a run: pass --resume to continue it "
+                       "or --overwrite to replace it")
     assert {p.name: p.stat().st_mtime_ns for p in sft_model.iterdir()} == before  # nothing touched
     (tmp_path / "notes.txt").write_text("mine")
     assert run_main("sft.py", "--output_dir", str(tmp_path)) == 2
@@ -92,7 +94,8 @@ def test_kill_9_then_resume_ends_as_the_uninterrupted_run(sft_model, reward_mode
 def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, str(ROOT / "sft.py"), "--max_train_rows", "512", "--num_epochs", "100",
-                                "--eval_rows", "16", "--eval_every", "1", "--save_every", "1", "--output_dir", str(out)],
+                                "--eval_rows", "16", "--eval_every", "1", "--save_every", "1",
+                                "--output_dir", str(out)],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while process.poll() is None and not (out / "checkpoint.pt").exists():
         time.sleep(0.02)
@@ -101,8 +104,8 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
     lines = err.strip().splitlines()
     assert process.returncode == 130 and len(lines) == 1, err
     assert lines[0].startswith("interrupted: the last checkpoint (step ") and f"{out / 'checkpoint.pt'}" in lines[0]
-    assert lines[0].endswith(f"resume with: python {ROOT / 'sft.py'} --max_train_rows 512 --num_epochs 100 --eval_rows 16 "
-                             f"--eval_every 1 --save_every 1 --output_dir {out} --resume")
+    assert lines[0].endswith(f"resume with: python {ROOT / 'sft.py'} --max_train_rows 512 --num_epochs 100 "
+                             f"--eval_rows 16 --eval_every 1 --save_every 1 --output_dir {out} --resume")
 
 
 def test_resume_keeps_the_run_s_own_flags_and_knows_a_finished_run(sft_model, tmp_path, capsys):

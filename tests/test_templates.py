@@ -42,8 +42,9 @@ STYLES = {
     # Mistral: SentencePiece-style (a word's first piece carries a space mark); <s> from both; the reply follows
     # [/INST] without a space and ends with EOS
     "mistral": {"specials": ["<unk>", "<s>", "</s>"], "bos": "<s>", "eos": "</s>", "unk": "<unk>", "end": "</s>",
-                "template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
-                            " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"},
+                "template": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                            "[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+                            "{% endfor %}"},
 }
 USER = {"role": "user", "content": "how was the movie ?"}
 
@@ -57,7 +58,8 @@ def chat_tokenizer(style: str, vocab_size: int = 400) -> PreTrainedTokenizerFast
     s = STYLES[style]
     sentencepiece = style == "mistral"
     backend = Tokenizer(models.BPE(unk_token=s.get("unk")))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace() if sentencepiece else pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (pre_tokenizers.Metaspace() if sentencepiece
+                             else pre_tokenizers.ByteLevel(add_prefix_space=False))
     backend.decoder = decoders.Metaspace() if sentencepiece else decoders.ByteLevel()
     rng = random.Random(0)
     corpus = [" ".join(common.sample_review(rng)) for _ in range(300)] + ["[INST] how was the movie ? [/INST]"] * 20
@@ -65,10 +67,10 @@ def chat_tokenizer(style: str, vocab_size: int = 400) -> PreTrainedTokenizerFast
     backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=s["specials"],
                                                             initial_alphabet=alphabet))
     if "bos" in s:
-        backend.post_processor = processors.TemplateProcessing(single=f"{s['bos']} $A",
-                                                               special_tokens=[(s["bos"], backend.token_to_id(s["bos"]))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **{f"{k}_token": s[k] for k in ("bos", "eos", "pad", "unk")
-                                                                     if k in s})
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{s['bos']} $A", special_tokens=[(s["bos"], backend.token_to_id(s["bos"]))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend,
+                                        **{f"{k}_token": s[k] for k in ("bos", "eos", "pad", "unk") if k in s})
     tokenizer.chat_template = s["template"]
     return tokenizer
 
@@ -130,7 +132,8 @@ def test_a_reply_tokenized_alone_differs_where_sentencepiece_marks_the_first_wor
     in_context = common.encode_completion(tokenizer, row["completion"], prompt=row["prompt"])
     alone = common.encode_completion(tokenizer, row["completion"])
     assert in_context != alone and tokenizer.convert_ids_to_tokens(alone)[0].startswith("▁")
-    assert template_ids(tokenizer, [USER, reply("it was good .")]) == common.encode_prompt(tokenizer, row["prompt"]) + in_context
+    assert (template_ids(tokenizer, [USER, reply("it was good .")])
+            == common.encode_prompt(tokenizer, row["prompt"]) + in_context)
 
 
 def test_text_rows_keep_eos_and_pretemplated_text_gets_no_second_bos() -> None:
@@ -168,7 +171,8 @@ def test_generation_stops_at_the_end_of_turn(style: str) -> None:
     boost(model, end, 4.0)
     prompts = [common.standardize_row({"prompt": [{"role": "user", "content": c}]}, tokenizer)["prompt"]
                for c in ("how was the movie ?", "the plot", "i loved it .", "and the music ?")] * 4
-    queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id, "left")
+    queries, query_mask = common.pad([common.encode_prompt(tokenizer, p) for p in prompts],
+                                     tokenizer.pad_token_id, "left")
     torch.manual_seed(0)
     max_new_tokens = 64
     responses, response_mask, ended, _ = common.generate(model, queries, query_mask, tokenizer, max_new_tokens)
@@ -195,7 +199,8 @@ def test_the_generation_configs_eos_ids_stop_too(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     loaded = common.load_tokenizer(str(tmp_path))
-    assert set(common.stop_ids(loaded)) == {tokenizer.eos_token_id, extra, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+    assert set(common.stop_ids(loaded)) == {tokenizer.eos_token_id, extra,
+                                            tokenizer.convert_tokens_to_ids("<|eot_id|>")}
     responses = torch.tensor([[7, extra, 9, 9], [7, 8, 9, 10]])
     mask, ended = common.truncate_after_eos(responses, common.stop_ids(loaded))
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
@@ -211,13 +216,15 @@ def test_retokenize_ends_an_ended_response_with_the_other_tokenizers_stop_token(
         rm = chat_tokenizer("chatml", vocab_size=350)
         rm_end = "<|im_end|>"
     else:
-        backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *common.TOY_WORDS])}, "<unk>"))
+        backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "</s>", *common.TOY_WORDS])},
+                                             "<unk>"))
         backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         rm, rm_end = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>"), "</s>"
     rm.pad_token = rm.eos_token
     assert rm.get_vocab() != policy.get_vocab()
     replies = ["it was good .", "i loved it . the music was nice .", "it was bad ."]
-    prompts = [common.standardize_row({"prompt": [USER]}, policy)["prompt"]] * 3 if rm_style == "chatml" else ["it was"] * 3
+    prompts = ([common.standardize_row({"prompt": [USER]}, policy)["prompt"]] * 3 if rm_style == "chatml"
+               else ["it was"] * 3)
     completions = [common.encode_completion(policy, f" {r}<|im_end|>", prompt=p) for p, r in zip(prompts, replies)]
     completions[1] = completions[1][:-3]  # cut at the length limit, without its end of turn
     responses, _ = common.pad(completions, policy.pad_token_id)
@@ -241,7 +248,8 @@ def test_retokenize_ends_an_ended_response_with_the_other_tokenizers_stop_token(
     # HH-RLHF: up to the last "\n\nAssistant:", even when both answers start alike
     ({"chosen": "\n\nHuman: and the music?\n\nAssistant: I think it was good.",
       "rejected": "\n\nHuman: and the music?\n\nAssistant: I think not."},
-     {"prompt": "\n\nHuman: and the music?\n\nAssistant:", "chosen": " I think it was good.", "rejected": " I think not."}),
+     {"prompt": "\n\nHuman: and the music?\n\nAssistant:", "chosen": " I think it was good.",
+      "rejected": " I think not."}),
     ({"chosen": "the plot was good", "rejected": "it was bad"}, {"prompt": "", "chosen": "the plot was good",
                                                                   "rejected": "it was bad"}),
 ])
@@ -260,7 +268,8 @@ def test_implicit_prompt_of_conversational_rows_through_load_data(tmp_path: Path
     assert (train[0]["chosen"], train[0]["rejected"]) == ("it was good .<|eot_id|>", "it was bad .<|eot_id|>")
 
     # answers to different conversations share no prompt: a one-line error naming the columns
-    rows = [{"chosen": [USER, reply("it was good .")], "rejected": [{"role": "user", "content": "hi"}, reply("hi .")]}] * 4
+    rows = [{"chosen": [USER, reply("it was good .")],
+             "rejected": [{"role": "user", "content": "hi"}, reply("hi .")]}] * 4
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit) as exit_info:
         common.load_data(str(path), "preference", tokenizer, test_rows=1)
@@ -303,7 +312,8 @@ def test_reward_model_on_chat_pairs_scores_the_same_under_plain_transformers(tmp
                            rm_tokenizer.pad_token_id)
     assert (ids.gather(1, mask.sum(-1, keepdim=True) - 1) == tokenizer.convert_tokens_to_ids("<|eot_id|>")).all()
     with torch.no_grad():
-        ours = common.last_token_scores(common.TokenScores(common.load_model(str(out), rm_tokenizer, "score")), ids, mask)
+        ours = common.last_token_scores(common.TokenScores(common.load_model(str(out), rm_tokenizer, "score")),
+                                        ids, mask)
         plain_tokenizer = AutoTokenizer.from_pretrained(out)
         batch = plain_tokenizer([r["prompt"] + r["chosen"] for r in rows], padding=True, return_tensors="pt",
                                 add_special_tokens=False)  # the rendered text carries its <bos>
