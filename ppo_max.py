@@ -402,7 +402,7 @@ if __name__ == "__main__":
                                   weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
     derived = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
-             "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
+               "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
     run = common.Run(args, {"policy": policy, "value_model": value_model, "optimizer": optimizer,
                             "scheduler": scheduler}, derived)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon)

@@ -109,8 +109,7 @@ class Args:
 
 
 def check_args(args: Args, world_size: int) -> None:
-    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
-    is set up or loaded."""
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together."""
     common.check_args(args, positive=("total_episodes", "batch_size", "num_mini_batches", "num_ppo_epochs",
                                       "learning_rate", "max_new_tokens", "temperature", "cliprange", "max_grad_norm",
                                       "alignment_bins", "eval_every", "eval_rows", "target_length", "save_every",
@@ -238,10 +237,9 @@ if __name__ == "__main__":
     policy = common.distribute(policy, device, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / num_iterations)
-    # the sizes the flags (and the data) imply, which args.json keeps beside them
-    sizes = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
-             "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
-    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
+    derived = {"num_iterations": num_iterations, "local_batch_size": local_batch_size,
+               "minibatch_size": minibatch_size, "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler}, derived)
     # the loop's state, fresh or resumed; demo_cache: row index -> its demonstration's rewards (K,)
     rng, order, demo_cache, initial, start = random.Random(args.seed), [], {}, None, 1
     if run.resumed:

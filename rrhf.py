@@ -100,8 +100,7 @@ class Args:
 
 
 def check_args(args: Args, world_size: int) -> None:
-    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
-    is set up or loaded."""
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together."""
     common.check_args(args, positive=("target_length", "total_queries", "queries_per_step", "num_samples",
                                       "refresh_every", "temperature", "max_new_tokens", "learning_rate", "eval_rows",
                                       "eval_batch_size", "save_every", "micro_batch_size", "max_prompt_length"),
@@ -299,9 +298,8 @@ if __name__ == "__main__":
     policy = common.distribute(policy, device, args.fsdp)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    # the sizes the flags (and the data) imply, which args.json keeps beside them
-    sizes = {"num_steps": num_steps, "local_queries": local_queries, "micro_batch_size": micro_batch_size}
-    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
+    derived = {"num_steps": num_steps, "local_queries": local_queries, "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"policy": policy, "optimizer": optimizer, "scheduler": scheduler}, derived)
     # The loop's state, fresh or resumed: the data order, the candidates sampled for the coming
     # steps (OP-k), and the evaluation before training.
     rng, order, pending, initial, start = random.Random(args.seed), [], [], None, 1

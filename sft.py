@@ -68,8 +68,7 @@ class Args:
 
 
 def check_args(args: Args, world_size: int) -> None:
-    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together, before anything
-    is set up or loaded."""
+    """fail() with a one-line error on a flag out of its range, or on flags that do not fit together."""
     common.check_args(args, positive=("learning_rate", "num_epochs", "batch_size", "max_length", "eval_every",
                                       "eval_rows", "max_new_tokens", "save_every", "max_train_rows",
                                       "micro_batch_size"))
@@ -149,10 +148,9 @@ if __name__ == "__main__":
     model = common.distribute(model, device, args.fsdp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / num_steps)
-    # the sizes the flags (and the data) imply, which args.json keeps beside them
-    sizes = {"steps_per_epoch": steps_per_epoch, "num_steps": num_steps, "local_batch_size": local_batch_size,
-             "micro_batch_size": micro_batch_size}
-    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, derived=sizes)
+    derived = {"steps_per_epoch": steps_per_epoch, "num_steps": num_steps, "local_batch_size": local_batch_size,
+               "micro_batch_size": micro_batch_size}
+    run = common.Run(args, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, derived)
     rng, order, start = random.Random(args.seed), [], 1  # the loop's state, fresh or resumed
     if run.resumed:
         rng, order, start = run.resumed["rng"], run.resumed["order"], run.resumed["step"] + 1
