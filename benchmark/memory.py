@@ -7,58 +7,52 @@ A tiny Llama whose vocabulary is the toy tokenizer's padded to SmolLM2's 49,152 
 """
 
 import argparse
-import itertools
 import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VOCAB = 49152  # SmolLM2's
+from speed import ROOT, ppo_result  # benchmark/speed.py (which puts the repository's root on sys.path)
+
 NEW_TOKENS = 128
 PHASES = ("generation", "scoring", "training")
 # ppo.py's defaults, for TRL's driver
 SETTINGS = {"num_mini_batches": 2, "num_ppo_epochs": 4, "max_new_tokens": NEW_TOKENS, "kl_coef": 0.05,
             "missing_eos_penalty": -1.0, "temperature": 1.0, "eval_rows": 16}
 TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": False, "vocab_size": VOCAB}
+        "num_key_value_heads": 4, "max_position_embeddings": 512, "tie_word_embeddings": False,
+        "vocab_size": 49152}  # SmolLM2's vocabulary
 
 
-def padded_toy_tokenizer(size: int):
-    """The toy tokenizer with its vocabulary padded with unused tokens to `size`, so that a model's output layer costs
-    what it does at a real vocabulary."""
-    sys.path.insert(0, str(ROOT))
+def build_base(out: Path, **arch) -> None:
+    """A Llama of the given config fields, random weights, saved in bf16 as hub checkpoints are, over the toy tokenizer
+    padded with unused tokens to its vocab_size, so that the output layer costs what it does at a real vocabulary
+    (benchmark/gpu_smoke.sh builds its SmolLM-shaped model with it)."""
     import tokenizers
+    import torch
     import transformers
 
     import common
 
     toy = common.toy_tokenizer()
     words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
-    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(size - len(words))])}
+    vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(arch["vocab_size"] - len(words))])}
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     backend.post_processor = tokenizers.processors.TemplateProcessing(
         single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD, bos_token=common.BOS,
-                                                eos_token=common.EOS, unk_token=common.UNK, padding_side="left")
-
-
-def build_base(out: Path, **arch) -> None:
-    """A Llama of the given config fields over the padded toy tokenizer, random weights, saved in bf16 as hub
-    checkpoints are (benchmark/gpu_smoke.sh builds its SmolLM-shaped model with it)."""
-    import torch
-    import transformers
-
-    tokenizer = padded_toy_tokenizer(arch["vocab_size"])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD,
+                                                     bos_token=common.BOS, eos_token=common.EOS, unk_token=common.UNK,
+                                                     padding_side="left")
     config = transformers.LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}")
+    size = sum(p.numel() for p in model.parameters())
+    print(f"base model: {size / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}")
 
 
 def ppo_run(args, base: Path, batch_size: int) -> dict:
@@ -70,10 +64,7 @@ def ppo_run(args, base: Path, batch_size: int) -> dict:
            "--eval_every", "1000000", "--save_every", "1000000", *micro]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=args.source, check=True, stdout=subprocess.DEVNULL)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    updates = [{"wall": m["time"] - before["time"], **{k: m[f"time/{k}"] for k in PHASES}}
-               for before, m in itertools.pairwise(lines) if "time/generation" in m]
-    return {"updates": updates, "peak_memory_mb": json.loads((out / "summary.json").read_text())["peak_memory_mb"]}
+    return ppo_result(out)
 
 
 def trl_run(args, base: Path, batch_size: int) -> dict:

@@ -1,5 +1,5 @@
-"""ppo.py against TRL's PPOTrainer and the compute floor, on the CPU (benchmark/RESULTS.md's speed section says what
-each column measures, and how to make TRL's environment).
+"""ppo.py against TRL's PPOTrainer on the CPU (benchmark/RESULTS.md's speed section says what each column measures,
+and how to make TRL's environment).
 
     python benchmark/speed.py --updates 4 --rounds 1       # a short check (default: 4 rounds x 30 updates)
     python benchmark/speed.py table runs/bench/speed       # the section's table, from the run's results.json
@@ -12,7 +12,6 @@ import importlib.metadata
 import itertools
 import json
 import os
-import resource
 import shlex
 import statistics
 import subprocess
@@ -22,95 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # common.py, imported by the drivers (each in its own process)
 SETTINGS = {"batch_size": 64, "max_new_tokens": 48, "num_ppo_epochs": 4, "num_mini_batches": 2, "kl_coef": 0.05,
             "missing_eos_penalty": -1.0, "temperature": 1.0, "eval_rows": 128}
 LEARNING_RATE, SEED, MAX_LOAD, MAX_WAIT = 3e-4, 1, 1.5, 120  # before each run, wait (a while) for a quiet machine
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def response_stats(torch, responses, eos_id: int) -> tuple[int, float]:
-    """Generated tokens up to and including the first EOS, and the mean length without it (ppo.py's)."""
-    is_eos = responses == eos_id
-    ended = is_eos.any(-1)
-    first = torch.where(ended, is_eos.float().argmax(-1), torch.full_like(ended, responses.shape[1], dtype=torch.long))
-    return int((first + ended.long()).sum()), float(first.float().mean())
-
-
-def floor_driver(cfg: dict) -> None:
-    """The compute floor: a PPO update's model passes and nothing else (EOS held back: every update has the largest
-    shape; AdamW at learning rate 0), written out here so that it stays what it is while ppo.py's helpers change."""
-    sys.path.insert(0, str(ROOT))
-    import torch
-    import transformers
-
-    import common
-
-    def logprobs(model, ids, mask, context):  # log pi(token) of the response tokens: its logit minus the logsumexp
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-        logits = logits[:, context - 1:-1].float()
-        return logits.gather(-1, ids[:, context:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-    def scores(classifier, ids, mask):  # the scalar head at every position (value and reward model)
-        hidden = classifier.base_model(input_ids=ids, attention_mask=mask,
-                                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
-        return classifier.score(hidden).squeeze(-1).float()
-
-    s = cfg["settings"]
-    torch.manual_seed(cfg["seed"])
-    tokenizer = common.load_tokenizer(cfg["sft"])
-    policy = common.load_model(cfg["sft"], tokenizer)
-    ref_policy = common.load_model(cfg["sft"], tokenizer).requires_grad_(False)
-    reward_model = common.load_model(cfg["reward_model"], tokenizer, "score").requires_grad_(False)
-    value_model = common.load_model(cfg["reward_model"], tokenizer, "score")
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_model.parameters()], lr=0.0, eps=1e-5,
-                                  weight_decay=0.0)  # as ppo.py's, at learning rate 0: the policy stays the SFT one
-    prompts = json.loads(Path(cfg["prompts"]).read_text())["train"]
-    policy.generation_config = transformers.GenerationConfig(
-        max_new_tokens=s["max_new_tokens"], do_sample=True, temperature=s["temperature"], top_k=0, top_p=1.0,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
-        output_logits=True, min_new_tokens=s["max_new_tokens"])
-    n, minibatch = s["batch_size"], s["batch_size"] // s["num_mini_batches"]
-    updates = []
-    for update in range(cfg["updates"]):
-        batch = [prompts[(update * n + i) % len(prompts)] for i in range(n)]
-        queries, query_mask = common.pad(batch, tokenizer.pad_token_id, "left")
-        context = queries.shape[1]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = policy.generate(input_ids=queries, attention_mask=query_mask)
-            responses = out.sequences[:, context:]
-            is_eos = (responses == tokenizer.eos_token_id).long()
-            response_mask = (is_eos.cumsum(-1) - is_eos == 0).long()  # up to and including the first EOS
-            logits = torch.stack(out.logits, 1).float()
-            old_logprobs = logits.gather(-1, responses[..., None]).squeeze(-1) - logits.logsumexp(-1)
-            tokens, length = response_stats(torch, responses, tokenizer.eos_token_id)
-            t1 = time.perf_counter()
-            ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-            logprobs(ref_policy, ids, mask, context)
-            scores(value_model, ids, mask)
-            scores(reward_model, ids, mask)
-        t2 = time.perf_counter()
-        for _ in range(s["num_ppo_epochs"]):
-            for mb in torch.randperm(n).split(minibatch):
-                new_logprobs = logprobs(policy, ids[mb], mask[mb], context)
-                values = scores(value_model, ids[mb], mask[mb])[:, context - 1:-1]
-                m = response_mask[mb].float()
-                loss = ((new_logprobs - old_logprobs[mb]).exp() * m).mean() + (values ** 2 * m).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        t3 = time.perf_counter()
-        updates.append({"wall": t3 - t0, "generation": t1 - t0, "scoring": t2 - t1, "training": t3 - t2,
-                        "tokens": tokens, "length": length})
-    Path(cfg["result"]).write_text(json.dumps({"updates": updates, "peak_memory_mb": peak_mb()}))
-
-
 def prompts_driver(cfg: dict) -> None:
     """The toy prompts' ids, encoded as ppo.py encodes them."""
-    sys.path.insert(0, str(ROOT))
     import common
 
     tokenizer = common.load_tokenizer(cfg["sft"])
@@ -124,7 +42,6 @@ def prompts_driver(cfg: dict) -> None:
 
 def eval_driver(cfg: dict) -> None:
     """A final policy sampled on the held-out toy prompts as ppo.py evaluates (common.evaluate), gold and reward."""
-    sys.path.insert(0, str(ROOT))
     import torch
 
     import common
@@ -148,7 +65,7 @@ def eval_driver(cfg: dict) -> None:
     Path(cfg["result"]).write_text(json.dumps(metrics | common.gold_metrics(samples)))
 
 
-DRIVERS = {"_floor": floor_driver, "_prompts": prompts_driver, "_eval": eval_driver}
+DRIVERS = {"_prompts": prompts_driver, "_eval": eval_driver}
 
 
 def run(cmd: list, log: Path) -> None:
@@ -191,13 +108,17 @@ def ppo_run(args, sft: str, rm: str, seed: int, out: Path) -> dict:
            f"--total_episodes={args.updates * SETTINGS['batch_size']}", "--eval_every=1000000",
            "--save_every=1000000", *(f"--{k}={v}" for k, v in SETTINGS.items())]
     run(cmd, out.parent / f"{out.name}.log")
+    return ppo_result(out) | {"policy": str(out)}
+
+
+def ppo_result(out: Path) -> dict:
+    """A ppo.py run's updates, timed by its metrics.jsonl, and its peak memory (summary.json); memory.py's too."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     updates = [{"wall": m["time"] - before["time"], "generation": m["time/generation"], "scoring": m["time/scoring"],
                 "training": m["time/training"], "length": m["response/length"],
                 "tokens": m["tokens_per_second"] * m["time/generation"]}
                for before, m in itertools.pairwise(lines) if "time/generation" in m]
-    peak = json.loads((out / "summary.json").read_text())["peak_memory_mb"]
-    return {"updates": updates, "peak_memory_mb": peak, "policy": str(out)}
+    return {"updates": updates, "peak_memory_mb": json.loads((out / "summary.json").read_text())["peak_memory_mb"]}
 
 
 def summarize(result: dict) -> dict:
@@ -211,8 +132,6 @@ def summarize(result: dict) -> dict:
 
 def cell(values: list[float], fmt: str = ".2f") -> str:
     """Median, with the range over rounds when there are several."""
-    if not values:
-        return "-"
     mid = format(statistics.median(values), fmt)
     if len(values) == 1 or min(values) == max(values):
         return mid
@@ -231,26 +150,26 @@ def table(work: Path) -> str:
         f"{info['torch']}, transformers {info['transformers']}; TRL {v['trl']}: torch {v['torch']}, transformers "
         f"{v['transformers']}. {args['rounds']} round(s) of {args['updates']} updates; TRL's batches held "
         f"{statistics.mean(widths):.1f} response tokens on average.")
-    rows = {name: [summarize(r) for r in runs] for name, runs in results.items() if runs}
-    trl = statistics.median(r["wall"] for r in rows["trl"])
-    names = {"trl": f"TRL {v['trl']} PPOTrainer", "ppo": "ppo.py", "floor": "compute floor (model passes only)"}
+    names = {"trl": f"TRL {v['trl']} PPOTrainer", "ppo": "ppo.py"}  # not the "floor" runs of 3bde219's speed.py
+    trl = statistics.median(summarize(r)["wall"] for r in results["trl"])
     head = ("| | s/update | ratio to TRL | generation s | scoring s | training s | other s | generated tokens/s | "
             "peak memory MB | final gold | final reward | final KL | response length |")
     lines = [textwrap.fill(measured, 100), "", head, "|" + "---|" * (head.count("|") - 1)]
-    for name, runs in rows.items():
-        col = {k: [r[k] for r in runs if k in r] for k in runs[0]}
+    for name, label in names.items():
+        runs = [summarize(r) for r in results[name]]
+        col = {k: [r[k] for r in runs] for k in runs[0]}
         cells = [cell(col["wall"]), f"{statistics.median(col['wall']) / trl:.2f}x",
                  *(cell(col[k]) for k in ("generation", "scoring", "training", "other")),
                  cell(col["tokens_per_s"], ".0f"), cell(col["peak_memory_mb"], ".0f"),
-                 *(cell(col.get(k, [])) for k in ("gold", "reward", "kl")), cell(col["length"], ".1f")]
-        lines.append(f"| {names[name]} | " + " | ".join(cells) + " |")
+                 *(cell(col[k]) for k in ("gold", "reward", "kl")), cell(col["length"], ".1f")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=30, help="PPO updates per run")
-    p.add_argument("--rounds", type=int, default=4, help="rounds of one run each of TRL, ppo.py and the floor")
+    p.add_argument("--rounds", type=int, default=4, help="rounds of one run each of TRL and ppo.py")
     p.add_argument("--trl_python", default="/tmp/trl-venv/bin/python", help="the python of TRL's environment")
     p.add_argument("--work_dir", type=Path, default=ROOT / "runs" / "bench" / "speed")
     args = p.parse_args()
@@ -273,11 +192,11 @@ def main() -> None:
             "learning_rate": LEARNING_RATE}
     driver(sys.executable, "_prompts", base, work, work / "prompts.log")  # writes work/prompts.json
     base["prompts"] = str(work / "prompts.json")
-    results, loads = {"trl": [], "ppo": [], "floor": []}, []
+    results, loads = {"trl": [], "ppo": []}, []
     for r in range(1, args.rounds + 1):
         folder, seed = work / f"round{r}", SEED + r - 1
         folder.mkdir(exist_ok=True)
-        for name in ("trl", "ppo", "floor") if r % 2 else ("ppo", "trl", "floor"):
+        for name in ("trl", "ppo") if r % 2 else ("ppo", "trl"):
             deadline = time.time() + MAX_WAIT
             while (load := os.getloadavg()[0]) >= MAX_LOAD and time.time() < deadline:
                 time.sleep(5)
@@ -286,13 +205,10 @@ def main() -> None:
             cfg = base | {"seed": seed, "out": str(folder / name)}
             if name == "trl":
                 result = driver(args.trl_python, "_trl", cfg, folder, folder / "trl.log")
-            elif name == "ppo":
-                result = ppo_run(args, sft, rm, seed, folder / "ppo")
             else:
-                result = driver(sys.executable, "_floor", cfg, folder, folder / "floor.log")
-            if name != "floor":
-                result["eval"] = driver(sys.executable, "_eval", cfg | {"policy": result["policy"]}, folder,
-                                        folder / f"{name}_eval.log")
+                result = ppo_run(args, sft, rm, seed, folder / "ppo")
+            result["eval"] = driver(sys.executable, "_eval", cfg | {"policy": result["policy"]}, folder,
+                                    folder / f"{name}_eval.log")
             results[name].append(result)
             print(f"  {json.dumps({k: round(v, 3) for k, v in summarize(result).items()})}", flush=True)
     info |= {"loads_before_runs": loads, "trl_versions": results["trl"][0]["versions"]}

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # The speed study, alone on the machine (it measures time; TRL's environment: RESULTS.md's speed section): ppo.py
-# against TRL's PPOTrainer and the compute floor (speed.py: $OUT/results.json), where ppo.py's PPO epochs spend their
-# time ($OUT/ppo_step.md), and ppo.py's peak memory with glibc returning freed memory at once and without ($OUT/memory).
+# against TRL's PPOTrainer (speed.py: $OUT/results.json), and ppo.py's peak memory with glibc returning freed memory
+# at once and without ($OUT/memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmark/lib.sh
 OUT=${OUT:-runs/bench/speed}
 mkdir -p "$OUT"
 python benchmark/speed.py --work_dir "$OUT"
-python benchmark/ppo_step.py --models "$OUT/models-toy-cpu" > "$OUT/ppo_step.md.tmp"
-mv "$OUT/ppo_step.md.tmp" "$OUT/ppo_step.md"
 
 flags=(--sft_model_path "$OUT/models-toy-cpu/sft" --reward_model_path "$OUT/models-toy-cpu/reward_model"
        --total_episodes 640 --missing_eos_penalty -1 --eval_every 1000000 --save_every 1000000)

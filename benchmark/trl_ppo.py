@@ -7,11 +7,10 @@ training from the first forward with gradients; scoring (reference, value, rewar
 import importlib.metadata
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
-
-from speed import peak_mb, response_stats  # benchmark/speed.py (the standard library only, at import)
 
 
 def trl_driver(cfg: dict) -> None:
@@ -26,14 +25,11 @@ def trl_driver(cfg: dict) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg["sft"])
     tokenizer.padding_side = "left"
     fp32 = {"dtype": torch.float32}  # as ppo.py holds them on a CPU, whatever dtype a checkpoint was stored in
-    policy = transformers.AutoModelForCausalLM.from_pretrained(cfg["sft"], **fp32)
-    ref_policy = transformers.AutoModelForCausalLM.from_pretrained(cfg["sft"], **fp32)
-    classifier = transformers.AutoModelForSequenceClassification
-    value_model = classifier.from_pretrained(cfg["reward_model"], num_labels=1, **fp32)
-    reward_model = classifier.from_pretrained(cfg["reward_model"], num_labels=1, **fp32)
+    policy, ref_policy = (transformers.AutoModelForCausalLM.from_pretrained(cfg["sft"], **fp32) for _ in range(2))
+    value_model, reward_model = (transformers.AutoModelForSequenceClassification.from_pretrained(
+        cfg["reward_model"], num_labels=1, **fp32) for _ in range(2))
     prompts = json.loads(Path(cfg["prompts"]).read_text())
-    train = datasets.Dataset.from_list([{"input_ids": ids} for ids in prompts["train"]])
-    test = datasets.Dataset.from_list([{"input_ids": ids} for ids in prompts["test"]])
+    train, test = (datasets.Dataset.from_list([{"input_ids": ids} for ids in prompts[k]]) for k in ("train", "test"))
     s = cfg["settings"]
     # ppo.py's --micro_batch_size: TRL's rows per forward/backward pass and per rollout forward pass; its rollout batch
     # is per_device_train_batch_size x gradient_accumulation_steps
@@ -56,9 +52,11 @@ def trl_driver(cfg: dict) -> None:
         now["generation_start"] = time.perf_counter()
         query_responses, logits = generation(model, queries, *rest, **kwargs)
         now["generation_end"] = time.perf_counter()
-        responses = query_responses[:, queries.shape[1]:]
-        now["tokens"], now["length"] = response_stats(torch, responses, tokenizer.eos_token_id)
-        now["width"] = responses.shape[1]
+        responses = query_responses[:, queries.shape[1]:]  # tokens up to and including the first EOS; the length
+        is_eos = responses == tokenizer.eos_token_id  # without it, as ppo.py counts them
+        ended, now["width"] = is_eos.any(-1), responses.shape[1]
+        first = torch.where(ended, is_eos.float().argmax(-1), now["width"])
+        now["tokens"], now["length"] = int((first + ended.long()).sum()), float(first.float().mean())
         return query_responses, logits
 
     def timed_forward(model, query_responses, pad_token_id):
@@ -85,7 +83,7 @@ def trl_driver(cfg: dict) -> None:
                          reward_model=reward_model, value_model=value_model, train_dataset=train, eval_dataset=test,
                          callbacks=[Timer()])
     trainer.train()
-    peak, out = peak_mb(), Path(cfg["out"]) / "policy"
+    peak, out = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, Path(cfg["out"]) / "policy"
     trainer.policy_model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl")}
