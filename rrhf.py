@@ -86,7 +86,8 @@ class Args:
     rank_coef: float = 1.0
     """weight of the ranking loss: L = rank_coef * L_rank + L_ft"""
     kl_coef: float = 0.0
-    """beta in the ranked reward r - beta * log(pi / pi_ref): the paper's fix for online hacking; 0: off"""
+    """beta: candidates are ranked by their reward minus beta sum_t (log pi(y_t) - log pi_ref(y_t)) (the paper's fix
+    for online hacking); 0: off"""
     eval_rows: int = 256
     """held-out prompts for the evaluations before and after training"""
     eval_batch_size: int = 64
