@@ -72,8 +72,12 @@ def mean_spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def header(first: str, keys) -> list[str]:
-    return [f"| {first} | {' | '.join(keys)} |", "|---" * (len(keys) + first.count("|") + 1) + "|"]
+    return [row(first, *keys), "|---" * (len(keys) + first.count("|") + 1) + "|"]
 
 
 def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | tuple[str, ...] = ()) -> str:
@@ -82,10 +86,10 @@ def table(groups: dict[str, list[Path]], keys: tuple[str, ...], initial: str | t
                  for name, runs in groups.items()}
     if initial:  # the initial policy of those groups, or of each of their seeds (--per_seed)
         names = "|".join(re.escape(i) for i in ([initial] if isinstance(initial, str) else initial))
-        firsts = {n: v for n, v in summaries.items() if re.fullmatch(rf"(?:{names})(_s\d+)?", n)}
-        summaries = {f"before RL ({n}'s initial policy)": [s["initial"] for s in v] for n, v in firsts.items()} | summaries
+        summaries = {f"before RL ({n}'s initial policy)": [s["initial"] for s in v] for n, v in summaries.items()
+                     if re.fullmatch(rf"(?:{names})(_s\d+)?", n)} | summaries
     for name, found in summaries.items():
-        rows.append(f"| {name} | {len(found)} | {' | '.join(mean_spread([s.get(k) for s in found]) for k in keys)} |")
+        rows.append(row(name, len(found), *(mean_spread([s.get(k) for s in found]) for k in keys)))
     return "\n".join(rows)
 
 
@@ -95,7 +99,7 @@ def points(groups: dict[str, list[Path]], keys: tuple[str, ...], at: tuple[int, 
         metrics = [{m["step"]: m for m in read_metrics(r)} for r in runs]
         for step in at:
             if found := [m[step] for m in metrics if step in m]:
-                rows.append(f"| {name} | {step} | " + " | ".join(mean_spread([m.get(k) for m in found]) for k in keys) + " |")
+                rows.append(row(name, step, *(mean_spread([m.get(k) for m in found]) for k in keys)))
     return "\n".join(rows)
 
 
@@ -106,7 +110,7 @@ def timing(groups: dict[str, list[Path]], keys: tuple[str, ...]) -> str:
         if metrics := [m for r in runs for m in read_metrics(r) if "time/training" in m]:
             medians = [statistics.median(m[k] for m in metrics) if all(k in m for m in metrics) else None
                        for k in keys]
-            rows.append(f"| {name} | {len(metrics)} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in medians) + " |")
+            rows.append(row(name, len(metrics), *("-" if v is None else f"{v:.3g}" for v in medians)))
     return "\n".join(rows)
 
 
@@ -119,7 +123,7 @@ def samples(groups: dict[str, list[Path]], n: int, initial: tuple[str, ...] = ()
         for line in path.read_text().splitlines()[:n]:
             r = json.loads(line)
             prompt, response = r["prompt"].replace("|", "\\|"), r["response"].replace("|", "\\|")
-            rows.append(f"| {name} | {prompt} | {response} | {r['gold']:.2f} | {r['score']:.2f} |")
+            rows.append(row(name, prompt, response, f"{r['gold']:.2f}", f"{r['score']:.2f}"))
     return "\n".join(rows)
 
 
@@ -147,14 +151,15 @@ def stability(root: Path, window: int = 5) -> str:
     out = [f"Training metrics, mean over iterations (end - {window}, end], then mean ± half-range over seeds.\n",
            *header("algo | seeds | iterations", STABILITY_KEYS)]
     first = [m[1] for runs in groups.values() for m in runs]  # iteration 1 samples the SFT model in every run
-    cells = [f"{sum(vs) / len(vs):.2f}" if (vs := [m[k] for m in first if k in m]) else "-" for k in STABILITY_KEYS.values()]
-    out.append(f"| SFT (iteration 1, all runs) | {len(first)} runs | 1 | " + " | ".join(cells) + " |")
+    cells = [f"{sum(vs) / len(vs):.2f}" if (vs := [m[k] for m in first if k in m]) else "-"
+             for k in STABILITY_KEYS.values()]
+    out.append(row("SFT (iteration 1, all runs)", f"{len(first)} runs", 1, *cells))
     for name, runs in groups.items():
         for end in [window, *range(2 * window, last + 1, 2 * window)]:
             steps = range(end - window + 1, end + 1)
             cells = [cell([sum(m[s][k] for s in steps) / window if k in m[1] else None for m in runs])
                      for k in STABILITY_KEYS.values()]
-            out.append(f"| {name} | {len(runs)} | {steps[0]}-{end} | " + " | ".join(cells) + " |")
+            out.append(row(name, len(runs), f"{steps[0]}-{end}", *cells))
     out += ["\nPeak and final gold per seed (window means), and the iteration of the peak:\n",
             "| algo | seed runs: peak gold @ iteration -> final gold |", "|---|---|"]
     for name, runs in groups.items():
@@ -169,7 +174,7 @@ def stability(root: Path, window: int = 5) -> str:
     out += ["\nFinal held-out evaluation (summary.json), mean ± half-range over seeds:\n", *header("algo", keys)]
     for name, runs in finished.items():
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-        out.append(f"| {name} | " + " | ".join(cell([s[k] for s in summaries]) for k in keys) + " |")
+        out.append(row(name, *(cell([s[k] for s in summaries]) for k in keys)))
     return "\n".join(out)
 
 
@@ -179,16 +184,16 @@ def label_agreement(k: float, c: float, pairs: int) -> float:
     import common
 
     rows = common.toy_dataset("preference", n_train=pairs, k=k, c=c)["train"]
-    golds = [(common.gold_reward(r["prompt"], r["chosen"]), common.gold_reward(r["prompt"], r["rejected"])) for r in rows]
+    golds = [[common.gold_reward(r["prompt"], r[key]) for key in ("chosen", "rejected")] for r in rows]
     decided = [a > b for a, b in golds if a != b]
     return sum(decided) / len(decided)
 
 
 def annotator(root: Path) -> str:
     """A row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>), against issue 19's targets."""
-    rows = [("| annotator k, c, pairs | c/k | seeds | labels' agreement with gold | reward model accuracy | its agreement "
-             "with gold | its score-length correlation | PPO gold gain (lowest seed) | PPO length (SFT policy) | "
-             "well-formed | meets the targets |"), "|---" * 11 + "|"]
+    rows = header("annotator k, c, pairs | c/k | seeds", ("labels' agreement with gold", "reward model accuracy",
+                  "its agreement with gold", "its score-length correlation", "PPO gold gain (lowest seed)",
+                  "PPO length (SFT policy)", "well-formed", "meets the targets"))
     done = {p.name for p in root.glob("*_s*") if (p / "summary.json").exists()}
     settings = {re.sub(r"^rm_(.*)_s\d+$", r"\1", n) for n in done if n.startswith("rm_")}
     for name in sorted(settings, key=lambda n: [float(x[1:]) for x in n.split("_")]):
@@ -209,8 +214,8 @@ def annotator(root: Path) -> str:
             "length r in 0.3-0.5": 0.3 <= mean(col(rms, "length_corr")) <= 0.5,
             "labels 0.72-0.82": 0.72 <= agreement <= 0.82,
             "length grows": mean(col(ppos, "length")) > mean([p["initial"]["length"] for p in ppos]) + 1}
-        failed = [t for t, ok in checks.items() if not ok]
-        verdict = "no: " + ", ".join(failed) if failed else "yes" if len(seeds) >= 3 else f"so far ({len(seeds)} of 3 seeds)"
+        failed = ", ".join(t for t, ok in checks.items() if not ok)
+        verdict = f"no: {failed}" if failed else "yes" if len(seeds) >= 3 else f"so far ({len(seeds)} of 3 seeds)"
         rows.append(f"| {k:g}, {c:g}, {pairs:.0f} | {c / k:.3g} | {len(ppos)} | {agreement:.3f} | "
                     f"{mean_spread(col(rms, 'accuracy'))} | {mean_spread(col(rms, 'gold_accuracy'))} | "
                     f"{mean_spread(col(rms, 'length_corr'))} | {mean_spread(gains)} ({min(gains):.2f}) | "
@@ -222,24 +227,21 @@ def annotator(root: Path) -> str:
 def quickstart(root: Path) -> str:
     """The three stages of the README's quick start (benchmark/quickstart.sh), a line each, as a code block."""
     sft, rm, ppo = (json.loads((root / name / "summary.json").read_text()) for name in ("sft", "reward_model", "ppo"))
-    first = ppo["initial"]
-    return "\n".join([
-        "```",
-        (f"sft.py          {sft['wall_time']:4.0f} s   eval_loss {sft['eval_loss']:.3f}, gold {sft['gold']:.2f}, "
-         f"well_formed {sft['well_formed']:.2f}"),
-        (f"reward_model.py {rm['wall_time']:4.0f} s   accuracy {rm['accuracy']:.2f}, gold_accuracy {rm['gold_accuracy']:.2f}, "
-         f"length_corr {rm['length_corr']:.2f}"),
-        (f"ppo.py          {ppo['wall_time']:4.0f} s   gold {first['gold']:.2f} -> {ppo['gold']:.2f}, reward {first['reward']:.2f} -> "
-         f"{ppo['reward']:.2f}, kl {ppo['kl']:.1f}, length {first['length']:.1f} -> {ppo['length']:.1f}"),
-        f"total           {sft['wall_time'] + rm['wall_time'] + ppo['wall_time']:4.0f} s",
-        "```"])
+    stages = [("sft.py", sft, "eval_loss {eval_loss:.3f}, gold {gold:.2f}, well_formed {well_formed:.2f}"),
+              ("reward_model.py", rm, ("accuracy {accuracy:.2f}, gold_accuracy {gold_accuracy:.2f}, "
+                                       "length_corr {length_corr:.2f}")),
+              ("ppo.py", ppo, ("gold {initial[gold]:.2f} -> {gold:.2f}, reward {initial[reward]:.2f} -> {reward:.2f}, "
+                               "kl {kl:.1f}, length {initial[length]:.1f} -> {length:.1f}"))]
+    lines = [f"{name:<16}{s['wall_time']:4.0f} s   " + text.format(**s) for name, s, text in stages]
+    total = sft["wall_time"] + rm["wall_time"] + ppo["wall_time"]
+    return "\n".join(["```", *lines, f"{'total':<16}{total:4.0f} s", "```"])
 
 
 def commits(root: Path) -> str:
     """Each start of a study by benchmark/run_all.sh: when, at which commit, and (timing.log) its wall time."""
     lines = [line for line in (root / "commits.log").read_text().splitlines() if line.strip()]
-    timing = root / "timing.log"
-    minutes = dict(re.findall(r"^\S+ (\S+) done in (\d+) min$", timing.read_text(), re.MULTILINE)) if timing.exists() else {}
+    timing = (root / "timing.log").read_text() if (root / "timing.log").exists() else ""
+    minutes = dict(re.findall(r"^\S+ (\S+) done in (\d+) min$", timing, re.MULTILINE))
     rows = ["| started (UTC) | commit | study | wall time |", "|---|---|---|---|"]
     for line in lines:
         start, commit, studies = re.match(r"(\S+) (\S+(?: \([^)]*\))?) ?(.*)", line).groups()
