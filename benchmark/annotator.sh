@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The annotator sweep (RESULTS.md): for each toy annotator setting k,c,pairs and seed, a reward model from the
 # pipeline's SFT model of that seed ($SFTS/sft_s<seed>, trained here if missing) on the relabeled pairs, then ppo.py.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/annotator}
 SFTS=${SFTS:-runs/bench/pipeline}
 SEEDS=${SEEDS:-1 2 3}

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # One process against two under torchrun (DDP, then --fsdp) on the same cores, the same global batch (RESULTS.md).
 # Run it with nothing else on the machine.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/ddp}
 SFT=${SFT:-runs/sft}
 FLAGS=(--sft_model_path "$SFT" --reward length --target_length 20 --total_episodes 1280 --eval_rows 64)

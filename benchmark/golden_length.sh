@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Does PPO itself work? PPO on the exact golden length reward 1 - |n/N - 1| (Fan et al. 2023) for N = 10, 20, 30,
 # 3 seeds, 20 iterations of 64 prompts, from the SFT model at $SFT (RESULTS.md).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/golden_length}
 SFT=${SFT:-runs/sft}
 SEEDS=${SEEDS:-1 2 3}

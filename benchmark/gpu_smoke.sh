@@ -7,8 +7,7 @@
 #
 #     bash benchmark/gpu_smoke.sh                  # on the GPU
 #     bash benchmark/gpu_smoke.sh --device cpu     # the same steps at a tiny scale: checks the script here
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 DEVICE=cuda
 if [ "${1:-}" = "--device" ]; then DEVICE=${2:?--device cpu or cuda}; fi
 if [ "$DEVICE" = cpu ]; then  # the same shape of model (grouped-query attention, tied embeddings), tiny

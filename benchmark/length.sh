@@ -3,9 +3,7 @@
 # reward models from $SFT (default, --length_balance, --random_augment 0.25); PPO with one budget and seeds on the
 # default one, with each RL-side intervention, on the two others, and length-only PPO; then the tables of every final
 # policy and the SFT policy sampled again (benchmark/analysis.py length_study): $OUT/table.md.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SFT=${SFT:-runs/sft}
 OUT=${OUT:-runs/bench/length}

@@ -1,4 +1,7 @@
-# The helpers every study script shares (`source benchmark/lib.sh`).
+# What every benchmark script starts with (`source "$(dirname "$0")/lib.sh"`): strict mode, the repository's root as
+# the working directory, and the helpers below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
 
 # run_once DIR COMMAND...: `COMMAND --output_dir DIR --overwrite`, its output in DIR.log, its wall and CPU time
 # appended to time.log beside DIR (with GNU time). Skipped if DIR/summary.json exists; an unfinished run restarts.

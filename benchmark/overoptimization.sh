@@ -2,9 +2,7 @@
 # Reward over-optimization (RESULTS.md, overoptimization.md): PPO with no KL penalty, PPO with a KL coefficient tuned
 # by a short sweep, RCfD with no KL (the paper's setting) and with rcfd.py's default 0.2, 3 seeds each, from $SFT and
 # $RM with one budget: 24 iterations of 64 responses, held-out evaluation every 4.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}

@@ -2,9 +2,7 @@
 # Every algorithm with every default, 3 seeds (RESULTS.md and the README's table): each seed trains its SFT model
 # and reward model, then PPO, PPO-max, RRHF, RCfD and length-only PPO from them. EPISODES=N: another budget for the
 # PPO-style methods. Seeds run in parallel, one thread each ($JOBS at a time).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/pipeline}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-3}

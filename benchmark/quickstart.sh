@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # The README's quick start, timed: sft.py, reward_model.py and ppo.py with every default, all threads (alone on the
 # machine), into $OUT/sft, $OUT/reward_model and $OUT/ppo.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/quickstart}
 run_once "$OUT/sft" python sft.py
 run_once "$OUT/reward_model" python reward_model.py --model_name_or_path "$OUT/sft"

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # RRHF (Yuan et al. 2023, RESULTS.md): the default offline sources, online sampling with and without a KL term,
 # and both ranked by the gold reward; 3 seeds from $SFT and $RM, rrhf.py's default budget.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/rrhf}
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}

@@ -8,8 +8,7 @@
 #     STUDIES="pipeline annotator" bash benchmark/run_all.sh   # some studies only (then the pages)
 #
 # runs/bench/commits.log records the commit each study started at, for the results pages.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 B=runs/bench
 STUDIES=${STUDIES:-quickstart pipeline ddp annotator golden_length overoptimization stability rrhf length speed}
 export SFT=$B/pipeline/sft_s1 RM=$B/pipeline/reward_model_s1

@@ -2,9 +2,7 @@
 # The speed study, alone on the machine (it measures time; TRL's environment: RESULTS.md's speed section): ppo.py
 # against TRL's PPOTrainer (speed.py: $OUT/results.json), and ppo.py's peak memory with glibc returning freed memory
 # at once and without ($OUT/memory).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 OUT=${OUT:-runs/bench/speed}
 mkdir -p "$OUT"
 python benchmark/speed.py --work_dir "$OUT"

@@ -2,9 +2,7 @@
 # PPO-max against ppo.py with no KL penalty (Zheng et al. 2023's stability claim, RESULTS.md), 40 policy iterations
 # of 64 rollouts, 3 seeds; then PPO-max with --ptx_coef 0.5 and ppo.py with PPO-max's update budget
 # ($OUT/stability_extra). From $SFT and $RM.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source benchmark/lib.sh
+source "$(dirname "$0")/lib.sh"
 export OMP_NUM_THREADS=1
 SFT=${SFT:-runs/sft}
 RM=${RM:-runs/reward_model}
