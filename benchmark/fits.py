@@ -14,20 +14,13 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
 
-SHAPES = {  # (config class, fields of the model's config.json on the Hugging Face Hub)
-    "HuggingFaceTB/SmolLM2-135M": (transformers.LlamaConfig, {
-        "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}),
-    "Qwen/Qwen2.5-0.5B": (transformers.Qwen2Config, {
-        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-        "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}),
-    "meta-llama/Llama-3.2-1B": (transformers.LlamaConfig, {
-        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}),
-    "Qwen/Qwen2.5-7B": (transformers.Qwen2Config, {
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False}),
-}
+FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "vocab_size", "tie_word_embeddings")
+SHAPES = {name: (config_cls, dict(zip(FIELDS, values))) for name, config_cls, *values in (  # their Hub config.json
+    ("HuggingFaceTB/SmolLM2-135M", transformers.LlamaConfig, 576, 1536, 30, 9, 3, 49152, True),
+    ("Qwen/Qwen2.5-0.5B", transformers.Qwen2Config, 896, 4864, 24, 14, 2, 151936, True),
+    ("meta-llama/Llama-3.2-1B", transformers.LlamaConfig, 2048, 8192, 16, 32, 8, 128256, True),
+    ("Qwen/Qwen2.5-7B", transformers.Qwen2Config, 3584, 18944, 28, 28, 4, 152064, False))}
 B, T = 2, 64  # the measured batch: 2 rows x 64 tokens, row 0 left-padded by one token (as ppo.py's prompts are)
 PROMPT, RESPONSES, ROWS, MINIBATCH, BUDGET = 512, (48, 512), 64, 32, 72e9  # 80 GB less 10% headroom
 CASTS = {"TBackward0", "ToCopyBackward0", "ViewBackward0", "PermuteBackward0", "TransposeBackward0", "ExpandBackward0"}
