@@ -16,8 +16,8 @@ import common
 
 if __name__ == "__main__":
     if len(sys.argv) < 5:
-        print("usage: python benchmark/annotator.py K C PAIRS SCRIPT [ARGS...]  (SCRIPT relative to the repository root)",
-              file=sys.stderr)
+        print("usage: python benchmark/annotator.py K C PAIRS SCRIPT [ARGS...]  (SCRIPT relative to the repository "
+              "root)", file=sys.stderr)
         sys.exit(2)
     try:
         k, c, pairs = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
@@ -37,4 +37,5 @@ if __name__ == "__main__":
     sys.argv = [script, *args]
     runpy.run_path(str(ROOT / script), run_name="__main__")
     if "--output_dir" in args:
-        common.write_json(Path(args[args.index("--output_dir") + 1]) / "annotator.json", {"k": k, "c": c, "pairs": pairs})
+        out = Path(args[args.index("--output_dir") + 1])
+        common.write_json(out / "annotator.json", {"k": k, "c": c, "pairs": pairs})

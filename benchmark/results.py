@@ -51,7 +51,8 @@ def fill(path: Path, failed: list[str]) -> str:
         try:
             done = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=ROOT, capture_output=True,
                                   text=True, check=False, timeout=600)
-            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1] if done.returncode else ""
+            last_line = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            why = last_line if done.returncode else ""
         except subprocess.TimeoutExpired:
             why = "ran over 600 s"
         if not why and any(line.rstrip() == END or line.startswith(OPEN) for line in done.stdout.splitlines()):
