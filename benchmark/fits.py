@@ -3,6 +3,7 @@ saves for backward, measured on the CPU under bf16 autocast with random weights 
 vocabulary", says how; its generated block is this script's output).
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,7 @@ def verdict(static: float, per_row: dict) -> str:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; there are no options
     torch.manual_seed(0)
     start, k = time.time(), lambda x: f"{x / 1e3:,.1f}k"
     print(f"torch {torch.__version__}, transformers "
