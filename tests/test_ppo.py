@@ -162,9 +162,13 @@ def test_ppo_end_to_end_writes_the_contracted_outputs(sft_model, tmp_path):
     assert [m["episode"] for m in train] == [16, 32]
     for key in ("objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl_avg",
                 "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio", "val/clipfrac_avg",
-                "eps", "response/length", "response/eos_rate", "gold/reward", "gold/well_formed"):
+                "eps", "response/length", "response/eos_rate", "gold/reward", "gold/well_formed",
+                "val/explained_variance"):
         assert key in train[-1], key
-    assert (out / "args.json").exists() and (out / "config.json").exists()
+    assert (out / "config.json").exists()
+    args = json.loads((out / "args.json").read_text())  # the flags, and the sizes the script derives from them
+    assert args["batch_size"] == 16 and args["world_size"] == 1
+    assert args["derived"] == {"num_iterations": 2, "local_batch_size": 16, "minibatch_size": 8, "micro_batch_size": 8}
 
 
 def test_ppo_missing_inputs_fail_with_one_line(tmp_path, sft_model):
