@@ -24,8 +24,36 @@ else  # HuggingFaceTB/SmolLM-135M's config.json
 fi
 MAX_GAP=${MAX_GAP:-0.05} MAX_CLIPPED=${MAX_CLIPPED:-0.01}
 mkdir -p "$OUT"
-python -c "import json, sys; sys.path.insert(0, 'benchmark'); import memory
-memory.build_base(sys.argv[1], **json.loads(sys.argv[2]))" "$OUT/base" "$ARCH"
+# the base: a Llama of $ARCH's config fields, random weights, saved in bf16 as hub checkpoints are, over the toy
+# tokenizer padded with unused tokens to its vocab_size (so that the output layer costs what it does at that size)
+python - "$OUT/base" "$ARCH" <<'PY'
+import json
+import sys
+
+import tokenizers
+import torch
+import transformers
+
+import common
+
+out, arch = sys.argv[1], json.loads(sys.argv[2])
+toy = common.toy_tokenizer()
+words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
+vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(arch["vocab_size"] - len(words))])}
+backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
+backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+backend.post_processor = tokenizers.processors.TemplateProcessing(
+    single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
+tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD, bos_token=common.BOS,
+                                                 eos_token=common.EOS, unk_token=common.UNK, padding_side="left")
+config = transformers.LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+torch.manual_seed(0)
+model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, vocabulary {len(tokenizer)}")
+PY
 
 stage() {  # stage NAME SCRIPT ARGS...: one run into $OUT/NAME_s1 (no checkpoints), its output in .log
     echo "$(date +%T) $1"

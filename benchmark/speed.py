@@ -112,7 +112,7 @@ def ppo_run(args, sft: str, rm: str, seed: int, out: Path) -> dict:
 
 
 def ppo_result(out: Path) -> dict:
-    """A ppo.py run's updates, timed by its metrics.jsonl, and its peak memory (summary.json); memory.py's too."""
+    """A ppo.py run's updates, timed by its metrics.jsonl, and its peak memory (summary.json)."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     updates = [{"wall": m["time"] - before["time"], "generation": m["time/generation"], "scoring": m["time/scoring"],
                 "training": m["time/training"], "length": m["response/length"],

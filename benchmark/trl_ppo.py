@@ -1,4 +1,4 @@
-"""TRL's PPOTrainer at ppo.py's settings, for benchmark/speed.py and benchmark/memory.py, run by the python of TRL's
+"""TRL's PPOTrainer at ppo.py's settings, for benchmark/speed.py, run by the python of TRL's
 environment (benchmark/RESULTS.md's speed section makes one): `trl_ppo.py _trl config.json`, its result to the
 config's "result" path. Each update is timed between on_step_end calls; generation by wrapping batch_generation;
 training from the first forward with gradients; scoring (reference, value, reward passes, GAE) in between.
