@@ -5,7 +5,7 @@ by the trained policy's counts (--weights both: both policies' counts). A gain t
 higher-scoring bins vanishes from the average: `length_share` = 1 - stratified gain / total gain.
 
     python benchmark/analysis.py runs/ppo --bin_width 2 --weights both
-    python benchmark/analysis.py length_study runs/bench/length SFT_MODEL 2    # benchmark/length.sh's tables
+    python benchmark/analysis.py length_study runs/bench/length SFT_MODEL 2    # the length study's tables
 """
 
 import json
@@ -25,7 +25,7 @@ Weights = Literal["both", "policy"]
 @dataclass
 class Args:
     """A run's length-stratified gains (`analysis.py length_study OUT SFT_MODEL SAMPLES_PER_PROMPT`: the tables of
-    benchmark/length.sh)."""
+    run_all.sh's length study)."""
 
     run_dir: tyro.conf.Positional[Path]
     """a finished RL run's folder (it holds initial_samples.jsonl and samples.jsonl)"""
@@ -75,7 +75,7 @@ def run_gains(run_dir: Path, bin_width: int = 5, weights: Weights = "policy") ->
 
 
 def length_study(out: Path, sft: str, samples_per_prompt: int) -> None:
-    """The length study's tables (benchmark/length.sh, length.md): the SFT policy and every finished policy run
+    """The length study's tables (run_all.sh length, length.md): the SFT policy and every finished policy run
     `<name>_s<seed>` in `out`, sampled again on the 256 held-out prompts x samples_per_prompt with one seed, each
     sample scored by the three reward models in `out` (cached as each run's rescored_samples.json)."""
     import torch

@@ -7,7 +7,8 @@
 #
 #     bash benchmark/gpu_smoke.sh                  # on the GPU
 #     bash benchmark/gpu_smoke.sh --device cpu     # the same steps at a tiny scale: checks the script here
-source "$(dirname "$0")/lib.sh"
+set -euo pipefail
+cd "$(dirname "$0")/.."
 DEVICE=cuda
 if [ "${1:-}" = "--device" ]; then DEVICE=${2:?--device cpu or cuda}; fi
 if [ "$DEVICE" = cpu ]; then  # the same shape of model (grouped-query attention, tied embeddings), tiny

@@ -1,4 +1,4 @@
-"""The reward over-optimization study's helpers (benchmark/overoptimization.sh): runs in `<name>_s<seed>` folders.
+"""The reward over-optimization study's helpers (run_all.sh overoptimization): runs in `<name>_s<seed>` folders.
 
     python benchmark/overoptimization.py pick runs/bench/overopt/sweep        # the tuned KL coefficient
     python benchmark/overoptimization.py alignment runs/bench/overopt         # every final policy's alignment
@@ -130,7 +130,7 @@ def table(root: Path) -> str:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if not args.runs.is_dir():
-        print(f"error: {args.runs} is not a folder of runs: run benchmark/overoptimization.sh first", file=sys.stderr)
+        print(f"error: {args.runs} is not a folder of runs: run its study first", file=sys.stderr)
         sys.exit(2)
     if args.command == "pick":
         pick(args.runs)

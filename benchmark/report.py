@@ -225,7 +225,7 @@ def annotator(root: Path) -> str:
 
 
 def quickstart(root: Path) -> str:
-    """The three stages of the README's quick start (benchmark/quickstart.sh), a line each, as a code block."""
+    """The three stages of the README's quick start (run_all.sh's quickstart study), a line each, as a code block."""
     sft, rm, ppo = (json.loads((root / name / "summary.json").read_text()) for name in ("sft", "reward_model", "ppo"))
     stages = [("sft.py", sft, "eval_loss {eval_loss:.3f}, gold {gold:.2f}, well_formed {well_formed:.2f}"),
               ("reward_model.py", rm, ("accuracy {accuracy:.2f}, gold_accuracy {gold_accuracy:.2f}, "
@@ -290,7 +290,7 @@ def main(args: Args) -> str | None:
             fail(f"{args.runs} does not exist: run its study first")
         return args.runs.read_text().rstrip("\n")
     if not args.runs.is_dir():
-        fail(f"{args.runs} is not a folder of runs: run a benchmark/*.sh script first")
+        fail(f"{args.runs} is not a folder of runs: run its study first (bash benchmark/run_all.sh STUDY)")
     needs = {"quickstart": [args.runs / n / "summary.json" for n in ("sft", "reward_model", "ppo")],
              "commits": [args.runs / "commits.log"]}.get(args.command, [])
     if missing := [str(p) for p in needs if not p.exists()]:
@@ -300,7 +300,7 @@ def main(args: Args) -> str | None:
         text = rows[args.command](args.runs)
         if args.command == "annotator" and len(text.splitlines()) < 3:
             fail(f"{args.runs} holds no finished pair of rm_<setting>_s<seed> and ppo_<setting>_s<seed> runs: "
-                 "run benchmark/annotator.sh first")
+                 "run its study first")
         return text
     groups = group_runs(args.runs)
     groups = {k: groups[k] for k in args.only if k in groups} if args.only else groups  # in --only's order
