@@ -8,8 +8,8 @@
 #     STUDIES="pipeline annotator" bash benchmark/run_all.sh   # some studies only (then the pages)
 #     bash benchmark/run_all.sh golden_length ddp              # these studies only, as set below; no pages
 #
-# runs/bench/commits.log records the commit each study started at, for the results pages. Each study is a function
-# below; its settings (OUT, SFT, RM, SEEDS, JOBS, ...) come from the environment, else from the defaults it sets.
+# runs/bench/commits.log records the commit each study started at. Each study is a function below (RESULTS.md's
+# table of studies links to what it measures); OUT, SFT, RM, SEEDS, JOBS...: from the environment, else its defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ALL="quickstart pipeline ddp annotator golden_length overoptimization stability rrhf length speed"
@@ -42,34 +42,36 @@ finish() {
     LAUNCHED=()
     return $failed
 }
+run() {  # run NAME ARGS...: run_once "$OUT/NAME" python ARGS...
+    local name=$1; shift
+    run_once "$OUT/$name" python "$@"
+}
 
-# The README's quick start, timed: sft.py, reward_model.py and ppo.py with every default, all threads (alone on the
-# machine), into $OUT/sft, $OUT/reward_model and $OUT/ppo.
+# The README's quick start, timed: sft.py, reward_model.py and ppo.py, every default, all threads, alone on the machine.
 quickstart() {
     OUT=${OUT:-runs/bench/quickstart}
-    run_once "$OUT/sft" python sft.py
-    run_once "$OUT/reward_model" python reward_model.py --model_name_or_path "$OUT/sft"
-    run_once "$OUT/ppo" python ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model"
+    run sft sft.py
+    run reward_model reward_model.py --model_name_or_path "$OUT/sft"
+    run ppo ppo.py --sft_model_path "$OUT/sft" --reward_model_path "$OUT/reward_model"
     python benchmark/report.py quickstart "$OUT" | tee "$OUT/table.md"
 }
 
-# Every algorithm with every default, 3 seeds (RESULTS.md and the README's table): each seed trains its SFT model
-# and reward model, then PPO, PPO-max, RRHF, RCfD and length-only PPO from them. EPISODES=N: another budget for the
-# PPO-style methods. Seeds run in parallel, one thread each ($JOBS at a time).
+# Every algorithm with every default, 3 seeds in parallel, one thread each: each seed's SFT and reward model, then PPO,
+# PPO-max, RRHF, RCfD and length-only PPO from them. EPISODES=N: another budget for the PPO-style methods.
 pipeline() {
     OUT=${OUT:-runs/bench/pipeline} SEEDS=${SEEDS:-1 2 3} JOBS=${JOBS:-3} EPISODES=${EPISODES:-}
     export OMP_NUM_THREADS=1
     seed_pipeline() {
         local s=$1
-        run_once "$OUT/sft_s$s" python sft.py --seed "$s"
-        run_once "$OUT/reward_model_s$s" python reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
+        run "sft_s$s" sft.py --seed "$s"
+        run "reward_model_s$s" reward_model.py --seed "$s" --model_name_or_path "$OUT/sft_s$s"
         local models=(--seed "$s" --sft_model_path "$OUT/sft_s$s" --reward_model_path "$OUT/reward_model_s$s")
         local budget=(${EPISODES:+--total_episodes "$EPISODES"})
-        run_once "$OUT/ppo_s$s" python ppo.py "${models[@]}" "${budget[@]}"
-        run_once "$OUT/ppo_max_s$s" python ppo_max.py "${models[@]}" "${budget[@]}"
-        run_once "$OUT/rrhf_s$s" python rrhf.py "${models[@]}"
-        run_once "$OUT/rcfd_s$s" python rcfd.py "${models[@]}" "${budget[@]}"
-        run_once "$OUT/length_ppo_s$s" python ppo.py "${models[@]}" "${budget[@]}" --reward length --target_length 30
+        run "ppo_s$s" ppo.py "${models[@]}" "${budget[@]}"
+        run "ppo_max_s$s" ppo_max.py "${models[@]}" "${budget[@]}"
+        run "rrhf_s$s" rrhf.py "${models[@]}"
+        run "rcfd_s$s" rcfd.py "${models[@]}" "${budget[@]}"
+        run "length_ppo_s$s" ppo.py "${models[@]}" "${budget[@]}" --reward length --target_length 30
     }
     for s in $SEEDS; do launch seed_pipeline "$s"; done
     finish
@@ -78,8 +80,7 @@ pipeline() {
     python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"
 }
 
-# One process against two under torchrun (DDP, then --fsdp) on the same cores, the same global batch (RESULTS.md).
-# Run it with nothing else on the machine.
+# One process against two under torchrun (DDP, then --fsdp), the same global batch; alone on the machine.
 ddp() {
     OUT=${OUT:-runs/bench/ddp} SFT=${SFT:-runs/sft}
     FLAGS=(--sft_model_path "$SFT" --reward length --target_length 20 --total_episodes 1280 --eval_rows 64)
@@ -91,8 +92,8 @@ ddp() {
     python benchmark/report.py timing "$OUT" | tee -a "$OUT/table.md"
 }
 
-# The annotator sweep (RESULTS.md): for each toy annotator setting k,c,pairs and seed, a reward model from the
-# pipeline's SFT model of that seed ($SFTS/sft_s<seed>, trained here if missing) on the relabeled pairs, then ppo.py.
+# The annotator sweep: for each setting k,c,pairs and seed, a reward model from the pipeline's SFT model of that seed
+# ($SFTS/sft_s<seed>, trained here if missing) on the relabeled pairs, then ppo.py.
 annotator() {
     OUT=${OUT:-runs/bench/annotator} SFTS=${SFTS:-runs/bench/pipeline} SEEDS=${SEEDS:-1 2 3} JOBS=${JOBS:-2}
     SETTINGS=${SETTINGS:-2,0.1,4000 3,0.1,4000 3,0.12,4000 2.5,0.075,4000 3,0.1,8000}  # k,c,pairs
@@ -101,32 +102,30 @@ annotator() {
         launch run_once "$SFTS/sft_s$s" python sft.py --seed "$s"
     done
     finish
-    setting() {  # setting K C PAIRS SEED: the reward model, then PPO on it
-        local name="k$1_c$2_n$3" s=$4
+    setting() {  # setting SEED K C PAIRS: the reward model, then PPO on it
+        local s=$1 name="k$2_c$3_n$4"; shift
         local sft="$SFTS/sft_s$s" rm="$OUT/rm_${name}_s$s"
-        run_once "$rm" python benchmark/annotator.py "$1" "$2" "$3" reward_model.py --seed "$s" \
-            --model_name_or_path "$sft"
-        run_once "$OUT/ppo_${name}_s$s" python ppo.py --seed "$s" --sft_model_path "$sft" --reward_model_path "$rm"
+        run "rm_${name}_s$s" benchmark/annotator.py "$@" reward_model.py --seed "$s" --model_name_or_path "$sft"
+        run "ppo_${name}_s$s" ppo.py --seed "$s" --sft_model_path "$sft" --reward_model_path "$rm"
     }
     for s in $SEEDS; do
         for setting in $SETTINGS; do
             IFS=, read -r k c pairs <<< "$setting"
-            launch setting "$k" "$c" "$pairs" "$s"
+            launch setting "$s" "$k" "$c" "$pairs"
         done
     done
     finish
     python benchmark/report.py annotator "$OUT" | tee "$OUT/table.md"
 }
 
-# Does PPO itself work? PPO on the exact golden length reward 1 - |n/N - 1| (Fan et al. 2023) for N = 10, 20, 30,
-# 3 seeds, 20 iterations of 64 prompts, from the SFT model at $SFT (RESULTS.md).
+# Does PPO itself work? PPO on the golden length reward 1 - |n/N - 1| for N = 10, 20, 30, 3 seeds, from $SFT.
 golden_length() {
     OUT=${OUT:-runs/bench/golden_length} SFT=${SFT:-runs/sft} SEEDS=${SEEDS:-1 2 3} JOBS=${JOBS:-2}
     export OMP_NUM_THREADS=1
     for s in $SEEDS; do
         for n in 10 20 30; do
-            launch run_once "$OUT/length${n}_s$s" python ppo.py --sft_model_path "$SFT" --reward length \
-                --total_episodes 1280 --eval_every 5 --target_length "$n" --seed "$s"
+            launch run "length${n}_s$s" ppo.py --sft_model_path "$SFT" --reward length --total_episodes 1280 \
+                --eval_every 5 --target_length "$n" --seed "$s"
         done
     done
     finish
@@ -134,22 +133,17 @@ golden_length() {
         --keys length length_error within_10pct gold well_formed wall_time | tee "$OUT/table.md"
 }
 
-# Reward over-optimization (RESULTS.md, overoptimization.md): PPO with no KL penalty, PPO with a KL coefficient tuned
-# by a short sweep, RCfD with no KL (the paper's setting) and with rcfd.py's default 0.2, 3 seeds each, from $SFT and
-# $RM with one budget: 24 iterations of 64 responses, held-out evaluation every 4.
+# Reward over-optimization: PPO with no KL penalty and with a KL coefficient tuned by a short sweep, RCfD with no KL
+# (the paper's setting) and with rcfd.py's default 0.2, 3 seeds each, from $SFT and $RM with one budget.
 overoptimization() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     SFT=${SFT:-runs/sft} RM=${RM:-runs/reward_model} OUT=${OUT:-runs/bench/overopt} SEEDS=${SEEDS:-1 2 3}
     SWEEP=${SWEEP:-0.02 0.1 0.5} RCFD_SWEEP=${RCFD_SWEEP:-0.05 0.5} JOBS=${JOBS:-3}
     BUDGET=(--sft_model_path "$SFT" --reward_model_path "$RM" --total_episodes 1536 --batch_size 64 --eval_every 4
             --eval_rows 128 --learning_rate 3e-4)
-    run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
-        local name=$1; shift
-        run_once "$OUT/$name" python "$@" "${BUDGET[@]}"
-    }
     # 1. PPO's KL coefficient, tuned on seed 1 by the final gold reward (an oracle a real sweep does not have: the
     #    best case for the baseline); the chosen run is the tuned baseline's seed 1
-    for kl in $SWEEP; do launch run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1; done
+    for kl in $SWEEP; do launch run "sweep/ppo_kl${kl}_s1" ppo.py --kl_coef "$kl" --seed 1 "${BUDGET[@]}"; done
     finish
     TUNED_KL=${TUNED_KL:-$(python benchmark/overoptimization.py pick "$OUT/sweep")}
     echo "tuned kl_coef: $TUNED_KL"
@@ -157,15 +151,17 @@ overoptimization() {
     # 2. the comparison
     compare() {
         local seed=$1
-        run "ppo_nokl_s$seed" ppo.py --kl_coef 0 --seed "$seed"
-        run "ppo_kl${TUNED_KL}_s$seed" ppo.py --kl_coef "$TUNED_KL" --seed "$seed"
-        run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed"  # the paper's setting (no KL)
-        run "rcfd_kl0.2_s$seed" rcfd.py --seed "$seed"          # rcfd.py's default: --kl_coef 0.2
+        run "ppo_nokl_s$seed" ppo.py --kl_coef 0 --seed "$seed" "${BUDGET[@]}"
+        run "ppo_kl${TUNED_KL}_s$seed" ppo.py --kl_coef "$TUNED_KL" --seed "$seed" "${BUDGET[@]}"
+        run "rcfd_s$seed" rcfd.py --kl_coef 0 --seed "$seed" "${BUDGET[@]}"  # the paper's setting (no KL)
+        run "rcfd_kl0.2_s$seed" rcfd.py --seed "$seed" "${BUDGET[@]}"          # rcfd.py's default: --kl_coef 0.2
     }
     for seed in $SEEDS; do launch compare "$seed"; done
     finish
     # 3. RCfD's KL coefficient, swept on seed 1 as PPO's is; 0 and 0.2 are the comparison's seed-1 runs
-    for kl in $RCFD_SWEEP; do launch run "rcfd_sweep/rcfd_kl${kl}_s1" rcfd.py --kl_coef "$kl" --seed 1; done
+    for kl in $RCFD_SWEEP; do
+        launch run "rcfd_sweep/rcfd_kl${kl}_s1" rcfd.py --kl_coef "$kl" --seed 1 "${BUDGET[@]}"
+    done
     finish
     [ -e "$OUT/rcfd_sweep/rcfd_kl0_s1" ] || cp -r "$OUT/rcfd_s1" "$OUT/rcfd_sweep/rcfd_kl0_s1"
     [ -e "$OUT/rcfd_sweep/rcfd_kl0.2_s1" ] || cp -r "$OUT/rcfd_kl0.2_s1" "$OUT/rcfd_sweep/rcfd_kl0.2_s1"
@@ -174,26 +170,20 @@ overoptimization() {
     python benchmark/overoptimization.py table "$OUT" | tee "$OUT/table.md"
 }
 
-# PPO-max against ppo.py with no KL penalty (Zheng et al. 2023's stability claim, RESULTS.md), 40 policy iterations
-# of 64 rollouts, 3 seeds; then PPO-max with --ptx_coef 0.5 and ppo.py with PPO-max's update budget
-# ($OUT/stability_extra). From $SFT and $RM.
+# PPO-max against ppo.py with no KL penalty, 3 seeds; then PPO-max with --ptx_coef 0.5 and ppo.py with PPO-max's
+# update budget ($OUT/stability_extra). From $SFT and $RM.
 stability() {
     export OMP_NUM_THREADS=1
     SFT=${SFT:-runs/sft} RM=${RM:-runs/reward_model} OUT=${OUT:-runs/bench} JOBS=${JOBS:-2}
     SETTING=(--sft_model_path "$SFT" --reward_model_path "$RM" --kl_coef 0 --total_episodes 2560 --eval_rows 64
              --eval_every 10)
-    run() {  # run RUN_DIR SCRIPT [extra flags...]: one run in the study's setting
-        local dir=$1 script=$2
-        shift 2
-        run_once "$dir" python "$script" "${SETTING[@]}" "$@"
-    }
     for seed in 1 2 3; do
-        launch run "$OUT/stability/ppo_s$seed" ppo.py --seed "$seed"
-        launch run "$OUT/stability/ppo_max_s$seed" ppo_max.py --seed "$seed"
+        launch run "stability/ppo_s$seed" ppo.py "${SETTING[@]}" --seed "$seed"
+        launch run "stability/ppo_max_s$seed" ppo_max.py "${SETTING[@]}" --seed "$seed"
     done
     for seed in 1 2 3; do
-        launch run "$OUT/stability_extra/ppo_max_ptx0.5_s$seed" ppo_max.py --seed "$seed" --ptx_coef 0.5
-        launch run "$OUT/stability_extra/ppo_1pass_s$seed" ppo.py --seed "$seed" --num_ppo_epochs 1 \
+        launch run "stability_extra/ppo_max_ptx0.5_s$seed" ppo_max.py "${SETTING[@]}" --seed "$seed" --ptx_coef 0.5
+        launch run "stability_extra/ppo_1pass_s$seed" ppo.py "${SETTING[@]}" --seed "$seed" --num_ppo_epochs 1 \
             --num_mini_batches 4
     done
     finish
@@ -201,22 +191,17 @@ stability() {
     python benchmark/report.py stability "$OUT/stability_extra"
 }
 
-# RRHF (Yuan et al. 2023, RESULTS.md): the default offline sources, online sampling with and without a KL term,
-# and both ranked by the gold reward; 3 seeds from $SFT and $RM, rrhf.py's default budget.
+# RRHF: the default offline sources, online sampling with and without a KL term, and both ranked by the gold reward.
 rrhf() {
     OUT=${OUT:-runs/bench/rrhf} SFT=${SFT:-runs/sft} RM=${RM:-runs/reward_model} SEEDS=${SEEDS:-1 2 3} JOBS=${JOBS:-3}
     export OMP_NUM_THREADS=1
-    run() {  # run NAME ARGS...: one rrhf.py run into $OUT/NAME
-        local name=$1; shift
-        run_once "$OUT/$name" python rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" "$@"
-    }
     seed_runs() {
-        local s=$1
-        run "default_s$s" --seed "$s"
-        run "online_s$s" --seed "$s" --sources online
-        run "online_kl0.05_s$s" --seed "$s" --sources online --kl_coef 0.05
-        run "gold_s$s" --seed "$s" --reward gold
-        run "gold_online_s$s" --seed "$s" --reward gold --sources online
+        local s=$1 rrhf=(rrhf.py --sft_model_path "$SFT" --reward_model_path "$RM" --seed "$1")
+        run "default_s$s" "${rrhf[@]}"
+        run "online_s$s" "${rrhf[@]}" --sources online
+        run "online_kl0.05_s$s" "${rrhf[@]}" --sources online --kl_coef 0.05
+        run "gold_s$s" "${rrhf[@]}" --reward gold
+        run "gold_online_s$s" "${rrhf[@]}" --reward gold --sources online
     }
     for s in $SEEDS; do launch seed_runs "$s"; done
     finish
@@ -224,10 +209,8 @@ rrhf() {
         --keys gold reward kl length well_formed wall_time peak_memory_mb | tee "$OUT/table.md"
 }
 
-# Length correlations in RLHF on the toy world ("A Long Way to Go", Singhal et al. 2023; RESULTS.md, length.md): three
-# reward models from $SFT (default, --length_balance, --random_augment 0.25); PPO with one budget and seeds on the
-# default one, with each RL-side intervention, on the two others, and length-only PPO; then the tables of every final
-# policy and the SFT policy sampled again (benchmark/analysis.py length_study): $OUT/table.md.
+# Length correlations ("A Long Way to Go"): three reward models from $SFT; PPO on the default one, with each RL-side
+# intervention, on the two others, and length-only PPO; then every final policy's tables (analysis.py length_study).
 length() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     SFT=${SFT:-runs/sft} OUT=${OUT:-runs/bench/length} SEEDS=${SEEDS:-1 2} JOBS=${JOBS:-2}
@@ -235,10 +218,6 @@ length() {
     LONG=${LONG:-40}         # LPPO's target: a long one, more than twice the SFT length
     SAMPLES=${SAMPLES:-2}    # samples per held-out prompt in the final scoring
     BUDGET=(--sft_model_path "$SFT" --total_episodes 3200 --batch_size 64 --eval_every 10 --eval_rows 128)
-    run() {  # run NAME SCRIPT ARGS...: one training run into $OUT/NAME
-        local name=$1; shift
-        run_once "$OUT/$name" python "$@"
-    }
     mkdir -p "$OUT"
     [ -d "$SFT" ] || { echo "$SFT not found: run \`python sft.py\` first or set SFT=..."; exit 2; }
     launch run rm_default reward_model.py --model_name_or_path "$SFT"
@@ -263,9 +242,8 @@ length() {
     echo "CPU time of the runs (this invocation):"; times
 }
 
-# The speed study, alone on the machine (it measures time; TRL's environment: RESULTS.md's speed section): ppo.py
-# against TRL's PPOTrainer (speed.py: $OUT/results.json), and ppo.py's peak memory with glibc returning freed memory
-# at once and without ($OUT/memory).
+# ppo.py against TRL's PPOTrainer (speed.py), then ppo.py's peak memory with glibc returning freed memory at once and
+# without ($OUT/memory); alone on the machine, with TRL's environment (RESULTS.md's speed section).
 speed() {
     OUT=${OUT:-runs/bench/speed}
     mkdir -p "$OUT"
