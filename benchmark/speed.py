@@ -108,17 +108,13 @@ def ppo_run(args, sft: str, rm: str, seed: int, out: Path) -> dict:
            f"--total_episodes={args.updates * SETTINGS['batch_size']}", "--eval_every=1000000",
            "--save_every=1000000", *(f"--{k}={v}" for k, v in SETTINGS.items())]
     run(cmd, out.parent / f"{out.name}.log")
-    return ppo_result(out) | {"policy": str(out)}
-
-
-def ppo_result(out: Path) -> dict:
-    """A ppo.py run's updates, timed by its metrics.jsonl, and its peak memory (summary.json)."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     updates = [{"wall": m["time"] - before["time"], "generation": m["time/generation"], "scoring": m["time/scoring"],
                 "training": m["time/training"], "length": m["response/length"],
                 "tokens": m["tokens_per_second"] * m["time/generation"]}
                for before, m in itertools.pairwise(lines) if "time/generation" in m]
-    return {"updates": updates, "peak_memory_mb": json.loads((out / "summary.json").read_text())["peak_memory_mb"]}
+    peak = json.loads((out / "summary.json").read_text())["peak_memory_mb"]
+    return {"updates": updates, "peak_memory_mb": peak, "policy": str(out)}
 
 
 def summarize(result: dict) -> dict:

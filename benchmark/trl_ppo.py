@@ -31,14 +31,11 @@ def trl_driver(cfg: dict) -> None:
     prompts = json.loads(Path(cfg["prompts"]).read_text())
     train, test = (datasets.Dataset.from_list([{"input_ids": ids} for ids in prompts[k]]) for k in ("train", "test"))
     s = cfg["settings"]
-    # ppo.py's --micro_batch_size: TRL's rows per forward/backward pass and per rollout forward pass; its rollout batch
-    # is per_device_train_batch_size x gradient_accumulation_steps
-    micro = s.get("micro_batch_size") or s["batch_size"]
     args = PPOConfig(
         output_dir=cfg["out"], seed=cfg["seed"], learning_rate=cfg["learning_rate"], adam_epsilon=1e-5,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=s["batch_size"] // micro,
+        per_device_train_batch_size=s["batch_size"], gradient_accumulation_steps=1,
         num_mini_batches=s["num_mini_batches"], num_ppo_epochs=s["num_ppo_epochs"],
-        total_episodes=cfg["updates"] * s["batch_size"], local_rollout_forward_batch_size=micro,
+        total_episodes=cfg["updates"] * s["batch_size"], local_rollout_forward_batch_size=s["batch_size"],
         response_length=s["max_new_tokens"], temperature=s["temperature"], kl_coef=s["kl_coef"],
         missing_eos_penalty=-s["missing_eos_penalty"],  # TRL subtracts it from the score; ppo.py sets the score to it
         stop_token="eos", num_sample_generations=0, per_device_eval_batch_size=s["batch_size"],
