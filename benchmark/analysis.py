@@ -9,7 +9,6 @@ higher-scoring bins vanishes from the average: `length_share` = 1 - stratified g
 """
 
 import json
-import math
 import random
 import re
 import sys
@@ -81,6 +80,8 @@ def length_study(out: Path, sft: str, samples_per_prompt: int) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from report import mean_spread as fmt  # mean ± half-range over seeds, NaN left out
+
     import common
 
     rms, new_tokens = ("rm_default", "rm_balance", "rm_augment"), 48
@@ -117,12 +118,6 @@ def length_study(out: Path, sft: str, samples_per_prompt: int) -> None:
 
     def pearson(xs, ys):
         return torch.corrcoef(torch.tensor([xs, ys], dtype=torch.float64))[0, 1].item()
-
-    def fmt(values, digits=2):  # mean ± half-range over seeds, NaN left out
-        values = [v for v in values if not math.isnan(v)]
-        if len(values) < 2:
-            return f"{values[0]:.{digits}f}" if values else "-"
-        return f"{mean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
     def bootstrap_share(runs, n=300):
         """5th-95th percentile of the seeds' mean length share (5-token bins, policy weights), the SFT samples and

@@ -18,7 +18,7 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from report import group_runs, mean_spread  # benchmark/report.py
+from report import group_runs, header, mean_spread, row  # benchmark/report.py
 
 import common
 import rcfd
@@ -104,21 +104,17 @@ def alignment(root: Path, reward_model_path: str) -> None:
 def table(root: Path) -> str:
     """Held-out evaluation at every evaluated iteration, mean ± spread over seeds; the final row's alignment KL
     comes from alignment.json."""
-    groups = group_runs(root)
-    out = ["| run | iteration | " + " | ".join(EVAL_KEYS) + " |", "|---" * (len(EVAL_KEYS) + 2) + "|"]
+    groups, out = group_runs(root), header("run | iteration", EVAL_KEYS)
     for name, runs in groups.items():
         evals = [{m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                   if "eval/reward" in m} for run in runs]
+        aligned = [json.loads((r / "alignment.json").read_text())["alignment_kl"] if (r / "alignment.json").exists()
+                   else None for r in runs]  # the final policies' alignment KL
         final = max(evals[0])
         for step in sorted(set.intersection(*(set(e) for e in evals))):
-            cells = []
-            for key in EVAL_KEYS.values():
-                values = [e[step].get(key) for e in evals]
-                if key == "eval/alignment_kl" and step == final:
-                    values = [json.loads((r / "alignment.json").read_text())["alignment_kl"]
-                              if (r / "alignment.json").exists() else None for r in runs]
-                cells.append(mean_spread(values))
-            out.append(f"| {name} | {step} | " + " | ".join(cells) + " |")
+            columns = [aligned if k == "eval/alignment_kl" and step == final else [e[step].get(k) for e in evals]
+                       for k in EVAL_KEYS.values()]
+            out.append(row(name, step, *map(mean_spread, columns)))
     demo = [json.loads((r / "alignment.json").read_text()) for runs in groups.values() for r in runs
             if (r / "alignment.json").exists()]
     if demo:

@@ -64,12 +64,13 @@ def read_metrics(run: Path) -> list[dict]:
     return [m for m in lines if not any(k.startswith("eval") for k in m)]
 
 
-def mean_spread(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
+def mean_spread(values: list[float], digits: int = 2) -> str:
+    """Mean ± half the range (the mean alone for one value; None and NaN left out, "-" if nothing is left)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return "-"
-    mean = sum(values) / len(values)
-    return f"{mean:.2f} ± {(max(values) - min(values)) / 2:.2f}" if len(values) > 1 else f"{mean:.2f}"
+    mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
+    return f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def row(*cells) -> str:
