@@ -38,15 +38,11 @@ import transformers
 import common
 
 out, arch = sys.argv[1], json.loads(sys.argv[2])
-toy = common.toy_tokenizer()
-words = [toy.convert_ids_to_tokens(i) for i in range(len(toy))]
-vocab = {w: i for i, w in enumerate(words + [f"<unused_{i}>" for i in range(arch["vocab_size"] - len(words))])}
-backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token=common.UNK))
-backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-backend.post_processor = tokenizers.processors.TemplateProcessing(
-    single=f"{common.BOS} $A", special_tokens=[(common.BOS, toy.bos_token_id)])
-tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=common.PAD, bos_token=common.BOS,
-                                                 eos_token=common.EOS, unk_token=common.UNK, padding_side="left")
+toy = common.toy_tokenizer()  # its vocabulary padded with unused tokens
+spec = json.loads(toy.backend_tokenizer.to_str())
+spec["model"]["vocab"] |= {f"<unused_{i}>": len(toy) + i for i in range(arch["vocab_size"] - len(toy))}
+tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(json.dumps(spec)),
+                                                 padding_side="left", **toy.special_tokens_map)
 config = transformers.LlamaConfig(**arch, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
 torch.manual_seed(0)
