@@ -211,7 +211,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["length_study"]:
         sys.exit(2)
     length_study(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 elif __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, use_underscores=True)
     if args.bin_width < 1:
         print(f"error: --bin_width must be positive, got {args.bin_width}", file=sys.stderr)
         sys.exit(2)

@@ -124,7 +124,7 @@ def table(root: Path) -> str:
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, use_underscores=True)
     if not args.runs.is_dir():
         print(f"error: {args.runs} is not a folder of runs: run its study first", file=sys.stderr)
         sys.exit(2)

@@ -191,7 +191,7 @@ def label_agreement(k: float, c: float, pairs: int) -> float:
 
 
 def annotator(root: Path) -> str:
-    """A row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>), against issue 19's targets."""
+    """A row per annotator setting (rm_<setting>_s<seed>, ppo_<setting>_s<seed>), against the study's targets."""
     rows = header("annotator k, c, pairs | c/k | seeds", ("labels' agreement with gold", "reward model accuracy",
                   "its agreement with gold", "its score-length correlation", "PPO gold gain (lowest seed)",
                   "PPO length (SFT policy)", "well-formed", "meets the targets"))
@@ -209,7 +209,7 @@ def annotator(root: Path) -> str:
         gains = [p["gold"] - p["initial"]["gold"] for p in ppos]
         col = lambda runs, key: [r[key] for r in runs]
         mean = lambda v: sum(v) / len(v)
-        checks = {  # issue 19's targets for the default pipeline
+        checks = {  # the annotator study's targets for the default pipeline
             "gain >= 1.0": mean(gains) >= 1.0, "every seed >= 0.7": min(gains) >= 0.7,
             "every seed well-formed >= 0.95": min(col(ppos, "well_formed")) >= 0.95,
             "length r in 0.3-0.5": 0.3 <= mean(col(rms, "length_corr")) <= 0.5,
@@ -330,5 +330,5 @@ def main(args: Args) -> str | None:
 
 
 if __name__ == "__main__":
-    if (text := main(tyro.cli(Args))) is not None:
+    if (text := main(tyro.cli(Args, use_underscores=True))) is not None:
         print(text)
