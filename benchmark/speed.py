@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # common.py, imported by the drivers (each in its own process)
 SETTINGS = {"batch_size": 64, "max_new_tokens": 48, "num_ppo_epochs": 4, "num_mini_batches": 2, "kl_coef": 0.05,
-            "missing_eos_penalty": -1.0, "temperature": 1.0, "eval_rows": 128}
+            "missing_eos_score": -1.0, "temperature": 1.0, "eval_rows": 128}
 LEARNING_RATE, SEED, MAX_LOAD, MAX_WAIT = 3e-4, 1, 1.5, 120  # before each run, wait (a while) for a quiet machine
 
 

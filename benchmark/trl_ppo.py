@@ -37,7 +37,7 @@ def trl_driver(cfg: dict) -> None:
         num_mini_batches=s["num_mini_batches"], num_ppo_epochs=s["num_ppo_epochs"],
         total_episodes=cfg["updates"] * s["batch_size"], local_rollout_forward_batch_size=s["batch_size"],
         response_length=s["max_new_tokens"], temperature=s["temperature"], kl_coef=s["kl_coef"],
-        missing_eos_penalty=-s["missing_eos_penalty"],  # TRL subtracts it from the score; ppo.py sets the score to it
+        missing_eos_penalty=-s["missing_eos_score"],  # TRL subtracts its penalty from the score; ppo.py sets the score
         stop_token="eos", num_sample_generations=0, per_device_eval_batch_size=s["batch_size"],
         bf16=False, fp16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, sft_model_path=cfg["sft"], reward_model_path=cfg["reward_model"])
