@@ -172,6 +172,19 @@ def retokenize(prompts: list[str], responses: torch.Tensor, response_mask: torch
     return pad(rows, other_tokenizer.pad_token_id)
 
 
+def reward_model_scores(reward_model: TokenScores, prompts: list[str], queries: torch.Tensor, query_mask: torch.Tensor,
+                        responses: torch.Tensor, response_mask: torch.Tensor, tokenizer, rm_tokenizer,
+                        same_vocab: bool, device: torch.device) -> torch.Tensor:
+    """A reward model's score of each response (B,), read at its last real token, its EOS (N+): on the policy's ids
+    (left-padded queries, right-padded responses), or, for a reward model without the policy's vocabulary, on the
+    text retokenized its way (rm_tokenizer)."""
+    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    if not same_vocab:
+        ids, mask = retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
+    with autocast(device):
+        return last_token_scores(reward_model, ids.to(device), mask.to(device))
+
+
 def response_length(responses: torch.Tensor, response_mask: torch.Tensor, eos_ids: int | list[int]) -> torch.Tensor:
     """Number of response tokens excluding the stop token (any of eos_ids: stop_ids). (B, R) -> (B,)"""
     stopped = torch.isin(responses, torch.as_tensor(eos_ids, device=responses.device)) & (response_mask == 1)

@@ -266,11 +266,8 @@ def get_scores(prompts: list[str], queries: torch.Tensor, query_mask: torch.Tens
     if reward == "length":
         n_tokens = common.response_length(responses, response_mask, common.stop_ids(tokenizer))
         return common.length_reward(n_tokens, target_length)
-    ids, mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-    if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
-        ids, mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
-    with common.autocast(device):
-        return common.last_token_scores(reward_model, ids.to(device), mask.to(device))
+    return common.reward_model_scores(reward_model, prompts, queries, query_mask, responses, response_mask, tokenizer,
+                                      rm_tokenizer, same_vocab, device)
 
 
 # ---------------------------------------------------------------------------------------------

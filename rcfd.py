@@ -259,10 +259,9 @@ if __name__ == "__main__":
         with common.autocast(device):
             for kind in args.rewards:
                 if kind == "model":
-                    rm_ids, rm_mask = ids, mask
-                    if not same_vocab:  # a reward model with another tokenizer reads the text, encoded its way
-                        rm_ids, rm_mask = common.retokenize(prompts, responses, response_mask, tokenizer, rm_tokenizer)
-                    components.append(common.last_token_scores(reward_model, rm_ids.to(device), rm_mask.to(device)))
+                    components.append(common.reward_model_scores(reward_model, prompts, queries, query_mask, responses,
+                                                                 response_mask, tokenizer, rm_tokenizer, same_vocab,
+                                                                 device))
                 elif kind == "gold":
                     texts = common.decode_responses(tokenizer, responses, response_mask)
                     components.append(torch.tensor([common.gold_reward(p, t) for p, t in zip(prompts, texts)],
